@@ -1,0 +1,107 @@
+"""Epsilon-greedy action selection and epsilon schedules.
+
+Schedules are plain functions of the step count (the optax schedule type), so
+they work both on Python ints and inside ``jax.jit`` on traced steps.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+Schedule = Callable[[chex.Numeric], chex.Numeric]
+
+
+def epsilon_greedy(key: jax.Array, q_values: jax.Array, epsilon: chex.Numeric) -> jax.Array:
+    """Chooses the greedy action, or a uniformly random one with probability epsilon.
+
+    A random action may coincide with the greedy one, so the greedy action is
+    taken with probability ``1 - epsilon + epsilon / num_actions``, as in Mnih
+    et al. (2015). Ties between equal Q-values go to the lowest index.
+
+    Args:
+      key: a JAX PRNG key.
+      q_values: ``(num_envs, num_actions)`` Q-values, one row per environment.
+      epsilon: probability of a random action, scalar in [0, 1].
+
+    Returns:
+      ``(num_envs,)`` int32 actions.
+    """
+    chex.assert_rank(q_values, 2)
+    num_envs, num_actions = q_values.shape
+    explore_key, action_key = jax.random.split(key)
+    explore = jax.random.uniform(explore_key, (num_envs,)) < epsilon
+    random_actions = jax.random.randint(action_key, (num_envs,), 0, num_actions, dtype=jnp.int32)
+    greedy_actions = jnp.argmax(q_values, axis=-1).astype(jnp.int32)
+    return jnp.where(explore, random_actions, greedy_actions)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def select_actions(
+    q_fn: Callable, params: Any, key: jax.Array, obs: jax.Array, epsilon: chex.Numeric
+) -> jax.Array:
+    """Epsilon-greedy actions of the network ``q_fn(params, .)`` for a batch of observations.
+
+    One jit-compiled call for all environments: the Q-values and the choice
+    happen on the device, and only the ``(num_envs,)`` actions come back.
+
+    Args:
+      q_fn: ``q_fn(params, obs) -> (N, num_actions)`` (static: hashed by identity).
+      params: the network parameters.
+      key: a JAX PRNG key; split it between calls.
+      obs: ``(N, *obs_shape)`` observations.
+      epsilon: probability of a random action.
+
+    Returns:
+      ``(N,)`` int32 actions.
+    """
+    return epsilon_greedy(key, q_fn(params, obs), epsilon)
+
+
+def linear_epsilon(start: float, end: float, duration: int, begin: int = 0) -> Schedule:
+    """Epsilon going linearly from ``start`` to ``end`` over ``duration`` steps, then constant.
+
+    The schedule of Mnih et al. (2015) (1.0 to 0.1 over 1M frames) and of
+    CleanRL's DQN (1.0 to 0.01 over 10% of the run).
+
+    Args:
+      start: epsilon at step ``begin`` and before.
+      end: epsilon from step ``begin + duration`` on.
+      duration: number of steps of the decay; positive.
+      begin: step at which the decay starts.
+    """
+    _check_epsilons(start, end)
+    if duration < 1:
+        raise ValueError(f"duration must be a positive number of steps, got {duration}")
+    return optax.linear_schedule(start, end, transition_steps=duration, transition_begin=begin)
+
+
+def exponential_epsilon(start: float = 1.0, end: float = 0.1, decay: float = 100_000) -> Schedule:
+    """The notebook's schedule: ``end + (start - end) * exp(-step / decay)``.
+
+    Defaults are the notebook's (1.0, 0.1, 100,000 steps). Epsilon only
+    approaches ``end``: after ``decay`` steps it is ``end + 0.368 (start - end)``.
+
+    Args:
+      start: epsilon at step 0.
+      end: the limit as the step count grows.
+      decay: time constant of the decay, in steps; positive.
+    """
+    _check_epsilons(start, end)
+    if decay <= 0:
+        raise ValueError(f"decay must be a positive number of steps, got {decay}")
+
+    def schedule(step: chex.Numeric) -> chex.Numeric:
+        return end + (start - end) * jnp.exp(-jnp.asarray(step, jnp.float32) / decay)
+
+    return schedule
+
+
+def _check_epsilons(start: float, end: float) -> None:
+    for name, value in (("start", start), ("end", end)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"epsilon {name} must be in [0, 1], got {value}")

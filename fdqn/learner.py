@@ -1,0 +1,303 @@
+"""The DQN learner: train state, optimizer, loss and the jit-compiled update.
+
+Everything here is pure. ``TrainState`` is an immutable pytree; the update
+takes a state and a batch and returns a new state and metrics, leaving its
+inputs untouched. The online and target networks are two parameter pytrees of
+one Keras model; the target is refreshed by copy (or Polyak averaging).
+"""
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import optax
+
+from fdqn.networks import Params, QFn, pure_q_fn
+from fdqn.value_learning import double_q_learning, huber_loss, q_learning, squared_loss
+
+CLIP_MODES = ("per_tensor", "global", "none")
+OPTIMIZERS = ("adam", "rmsprop")
+REDUCTIONS = ("mean", "sum")
+
+
+class Batch(NamedTuple):
+    """A batch of transitions ``(s_tm1, a_tm1, r_t, terminated_t, s_t)``.
+
+    Attributes:
+      obs: ``(B, *obs_shape)`` observations at which the actions were taken.
+      action: ``(B,)`` integer actions.
+      reward: ``(B,)`` rewards (clipped ones, on Atari).
+      next_obs: ``(B, *obs_shape)`` observations after the actions.
+      terminated: ``(B,)`` bool or 0/1 float: the next state is terminal (no
+        bootstrap). Truncation by a time limit is not termination.
+    """
+
+    obs: Any
+    action: Any
+    reward: Any
+    next_obs: Any
+    terminated: Any
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["step", "params", "target_params", "opt_state", "key"],
+    meta_fields=["q_fn", "optimizer"],
+)
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Immutable state of a DQN learner, a JAX pytree.
+
+    Attributes:
+      step: number of gradient updates applied, int32 scalar.
+      params: online network parameters (list of arrays).
+      target_params: target network parameters, same structure as ``params``.
+      opt_state: optimizer state for ``params``.
+      key: PRNG key for whatever randomness the caller draws (exploration).
+      q_fn: ``q_fn(params, obs) -> q_values``; static, not a leaf.
+      optimizer: the optax transformation; static, not a leaf.
+    """
+
+    step: jax.Array
+    params: Params
+    target_params: Params
+    opt_state: optax.OptState
+    key: jax.Array
+    q_fn: QFn
+    optimizer: optax.GradientTransformation
+
+    def replace(self, **changes: Any) -> "TrainState":
+        """Returns a copy with the given fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def next_key(self) -> tuple["TrainState", jax.Array]:
+        """Splits the state's key: returns a state with a fresh key, and a key to use."""
+        key, use = jax.random.split(self.key)
+        return self.replace(key=key), use
+
+
+def create_train_state(
+    model: keras.Model, optimizer: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
+    """Builds a learner state from a built Keras model, an optimizer and a key.
+
+    The target parameters start as a copy of the model's current weights.
+
+    Args:
+      model: a built ``keras.Model`` mapping observations to Q-values.
+      optimizer: an optax transformation, e.g. from :func:`make_optimizer`.
+      key: a JAX PRNG key.
+
+    Returns:
+      A ``TrainState`` with ``step == 0``.
+    """
+    q_fn, params = pure_q_fn(model)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        target_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        key=key,
+        q_fn=q_fn,
+        optimizer=optimizer,
+    )
+
+
+def clip_by_tensor_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scales each gradient tensor separately so its L2 norm is at most ``max_norm``.
+
+    ``g * max_norm / max(||g||, max_norm)`` for every leaf, as TF's
+    ``tf.clip_by_norm`` applied to each gradient (what the notebook does). This
+    differs from :func:`optax.clip_by_global_norm`, which scales all tensors by
+    one factor computed from their joint norm.
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be positive, got {max_norm}")
+
+    def clip(g: jax.Array, _: Any) -> jax.Array:
+        norm = jnp.sqrt(jnp.sum(jnp.square(g)))
+        return g * (max_norm / jnp.maximum(norm, max_norm))
+
+    return optax.stateless_with_tree_map(clip)
+
+
+def make_optimizer(
+    name: str = "adam",
+    learning_rate: float | optax.Schedule = 1e-4,
+    clip: str = "global",
+    max_grad_norm: float = 10.0,
+    eps: float | None = None,
+) -> optax.GradientTransformation:
+    """Gradient clipping followed by Adam or RMSProp, as one optax chain.
+
+    Args:
+      name: ``"adam"`` (Kingma and Ba 2015; optax defaults, eps 1e-8) or
+        ``"rmsprop"`` (decay 0.9, eps 1e-7 inside the square root, zero
+        initial accumulator: ``keras.optimizers.RMSprop``'s defaults, which
+        replace the notebook's TF1 ``RMSPropOptimizer``).
+      learning_rate: a positive float or an optax schedule.
+      clip: ``"per_tensor"`` (each gradient's norm clipped separately, as the
+        notebook's ``tf.clip_by_norm``), ``"global"`` (all gradients scaled by
+        one factor so their joint norm is at most ``max_grad_norm``, as OpenAI
+        Baselines), or ``"none"``.
+      max_grad_norm: the clipping bound; positive.
+      eps: the optimizer's epsilon, if not its default above.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+    if not callable(learning_rate) and not learning_rate > 0:
+        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
+    if clip != "none" and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    if name == "adam":
+        opt = optax.adam(learning_rate, eps=1e-8 if eps is None else eps)
+    else:
+        opt = optax.rmsprop(learning_rate, decay=0.9, eps=1e-7 if eps is None else eps)
+    if clip == "per_tensor":
+        return optax.chain(clip_by_tensor_norm(max_grad_norm), opt)
+    if clip == "global":
+        return optax.chain(optax.clip_by_global_norm(max_grad_norm), opt)
+    return opt
+
+
+def _check_batch(batch: Batch) -> None:
+    """Raises a one-line ValueError when the batch's fields do not fit together."""
+    obs_shape = np.shape(batch.obs)
+    if len(obs_shape) < 2:
+        raise ValueError(f"batch.obs must have shape (B, *obs_shape), got {obs_shape}")
+    size = obs_shape[0]
+    if np.shape(batch.next_obs) != obs_shape:
+        raise ValueError(
+            f"batch.next_obs has shape {np.shape(batch.next_obs)}, batch.obs has {obs_shape}"
+        )
+    if jnp.result_type(batch.next_obs) != jnp.result_type(batch.obs):
+        raise ValueError(
+            f"batch.next_obs has dtype {jnp.result_type(batch.next_obs)}, "
+            f"batch.obs has {jnp.result_type(batch.obs)}"
+        )
+    for name in ("action", "reward", "terminated"):
+        shape = np.shape(getattr(batch, name))
+        if shape != (size,):
+            raise ValueError(
+                f"batch.{name} must have shape ({size},) to match batch.obs, got {shape}"
+            )
+    if not jnp.issubdtype(jnp.result_type(batch.action), jnp.integer):
+        dtype = jnp.result_type(batch.action)
+        raise ValueError(f"batch.action must be integers, got dtype {dtype}")
+
+
+def dqn_loss(
+    params: Params,
+    target_params: Params,
+    q_fn: QFn,
+    batch: Batch,
+    gamma: float = 0.99,
+    double_q: bool = False,
+    huber_delta: float | None = 1.0,
+    reduction: str = "mean",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The DQN loss of a batch, and diagnostics.
+
+    TD errors come from :func:`q_learning` (or :func:`double_q_learning`) with
+    ``discount_t = gamma * (1 - terminated)``; the loss is the Huber loss of
+    each TD error, averaged over the batch. The notebook summed over the
+    batch and bootstrapped from terminal states; ``reduction="sum"`` gives its
+    sum, and passing ``terminated`` all False its lack of masking.
+
+    Args:
+      params: online parameters (differentiated).
+      target_params: target parameters (not differentiated).
+      q_fn: ``q_fn(params, obs) -> (B, num_actions)``.
+      batch: a :class:`Batch`.
+      gamma: discount factor in [0, 1].
+      double_q: use double Q-learning targets.
+      huber_delta: the Huber threshold; ``None`` for the squared loss.
+      reduction: ``"mean"`` or ``"sum"`` over the batch.
+
+    Returns:
+      ``(loss, aux)`` where aux has ``q_taken`` (mean Q of the taken actions)
+      and ``td_abs`` (mean absolute TD error).
+    """
+    _check_batch(batch)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    q_tm1 = q_fn(params, batch.obs)
+    q_t = q_fn(target_params, batch.next_obs)
+    action = jnp.asarray(batch.action, jnp.int32)
+    reward = jnp.asarray(batch.reward, q_tm1.dtype)
+    discount = gamma * (1.0 - jnp.asarray(batch.terminated, q_tm1.dtype))
+    if double_q:
+        q_t_selector = jax.lax.stop_gradient(q_fn(params, batch.next_obs))
+        td = jax.vmap(double_q_learning)(q_tm1, action, reward, discount, q_t, q_t_selector)
+    else:
+        td = jax.vmap(q_learning)(q_tm1, action, reward, discount, q_t)
+    losses = squared_loss(td) if huber_delta is None else huber_loss(td, huber_delta)
+    loss = jnp.mean(losses) if reduction == "mean" else jnp.sum(losses)
+    q_taken = jnp.take_along_axis(q_tm1, action[:, None], axis=1)
+    return loss, {"q_taken": jnp.mean(q_taken), "td_abs": jnp.mean(jnp.abs(td))}
+
+
+@functools.partial(jax.jit, static_argnames=("gamma", "double_q", "huber_delta", "reduction"))
+def update(
+    state: TrainState,
+    batch: Batch,
+    gamma: float = 0.99,
+    double_q: bool = False,
+    huber_delta: float | None = 1.0,
+    reduction: str = "mean",
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One gradient step on ``batch``; jit-compiled, pure.
+
+    Args:
+      state: the learner state.
+      batch: a :class:`Batch`.
+      gamma, double_q, huber_delta, reduction: as in :func:`dqn_loss`
+        (static: each new value compiles once).
+
+    Returns:
+      ``(new_state, metrics)``; metrics hold ``loss``, ``q_taken``,
+      ``td_abs`` and ``grad_norm`` (global norm before clipping).
+    """
+    grad_fn = jax.value_and_grad(dqn_loss, has_aux=True)
+    (loss, aux), grads = grad_fn(
+        state.params,
+        state.target_params,
+        state.q_fn,
+        batch,
+        gamma=gamma,
+        double_q=double_q,
+        huber_delta=huber_delta,
+        reduction=reduction,
+    )
+    updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+
+
+def sync_target(state: TrainState, tau: float = 1.0) -> TrainState:
+    """Refreshes the target network from the online one.
+
+    ``tau == 1`` copies the online parameters (Mnih et al. 2015); ``0 < tau < 1``
+    moves the target a fraction ``tau`` towards them (Polyak averaging,
+    Lillicrap et al. 2016): ``target = tau * online + (1 - tau) * target``.
+
+    The copy is a new set of buffers, so nothing later done to ``params``
+    (including donation to a jitted update) reaches ``target_params``.
+    """
+    if not 0.0 < tau <= 1.0:
+        raise ValueError(f"tau must be in (0, 1], got {tau}")
+    if tau == 1.0:
+        target = jax.tree.map(jnp.copy, state.params)
+    else:
+        target = optax.incremental_update(state.params, state.target_params, tau)
+    return state.replace(target_params=target)

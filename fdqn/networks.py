@@ -1,0 +1,191 @@
+"""Q-networks as Keras 3 models, and their conversion to pure JAX functions.
+
+Pixel networks take the observations the Atari environments give, uint8 of
+shape ``(N, stack, 84, 84)`` (channels first), and do the scaling and layout
+change inside the model, so callers never preprocess by hand. Vector networks
+take float observations of shape ``(N, obs_dim)``.
+
+Any ``keras.Model`` mapping observations to ``(N, num_actions)`` Q-values can
+be used in place of these: :func:`pure_q_fn` turns it into
+``q_fn(params, obs) -> q_values`` over plain arrays, and :func:`write_params`
+copies trained parameters back into the model (to call ``model.predict`` or
+``model.save_weights``).
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+Params = list  # the model's trainable arrays, in ``model.trainable_variables`` order
+QFn = Callable[[Params, jax.Array], jax.Array]
+
+ATARI_OBS_SHAPE = (4, 84, 84)
+
+
+def _pixel_stem(obs_shape: Sequence[int], scale_obs: bool) -> list[keras.layers.Layer]:
+    """Input, scaling to [0, 1] and a channels-first to channels-last transpose."""
+    if len(obs_shape) != 3:
+        raise ValueError(
+            f"pixel networks take observations of shape (stack, height, width), got {obs_shape}"
+        )
+    return [
+        keras.Input(shape=tuple(obs_shape), dtype="uint8", name="obs"),
+        keras.layers.Rescaling(1.0 / 255.0 if scale_obs else 1.0, name="scale"),
+        keras.layers.Permute((2, 3, 1), name="channels_last"),
+    ]
+
+
+def _check_num_actions(num_actions: int) -> None:
+    if not isinstance(num_actions, (int, np.integer)) or num_actions < 1:
+        raise ValueError(f"num_actions must be a positive integer, got {num_actions!r}")
+
+
+def nature_cnn(num_actions: int, obs_shape: Sequence[int] = ATARI_OBS_SHAPE) -> keras.Model:
+    """The DQN network of Mnih et al. (2015, Nature), with ReLU activations.
+
+    Conv 32 8x8 stride 4, conv 64 4x4 stride 2, conv 64 3x3 stride 1, dense 512,
+    dense ``num_actions``. Pixels are scaled to [0, 1] inside the model.
+
+    Args:
+      num_actions: size of the discrete action space.
+      obs_shape: shape of one observation, ``(stack, height, width)``, uint8.
+
+    Returns:
+      A built ``keras.Sequential`` mapping uint8
+      ``(N, *obs_shape)`` to float32 ``(N, num_actions)``.
+    """
+    _check_num_actions(num_actions)
+    return keras.Sequential(
+        [
+            *_pixel_stem(obs_shape, scale_obs=True),
+            keras.layers.Conv2D(32, 8, strides=4, activation="relu", name="conv1"),
+            keras.layers.Conv2D(64, 4, strides=2, activation="relu", name="conv2"),
+            keras.layers.Conv2D(64, 3, strides=1, activation="relu", name="conv3"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(512, activation="relu", name="fc"),
+            keras.layers.Dense(num_actions, name="q_values"),
+        ],
+        name="nature_cnn",
+    )
+
+
+def notebook_cnn(
+    num_actions: int, obs_shape: Sequence[int] = ATARI_OBS_SHAPE, scale_obs: bool = True
+) -> keras.Model:
+    """The network of the TF notebook fdqn started from, layer for layer.
+
+    Conv 16 5x5 stride 2, conv 32 5x5 stride 2, conv 32 5x5 stride 2, flatten,
+    dense ``num_actions``, all with 'valid' padding and, as in the notebook, no
+    activations at all: the whole network is affine in its input. Kept for
+    faithful comparison; prefer :func:`nature_cnn` for learning.
+
+    Args:
+      num_actions: size of the discrete action space.
+      obs_shape: shape of one observation, ``(stack, height, width)``, uint8.
+      scale_obs: scale pixels to [0, 1]. The notebook feeds raw 0-255 values
+        (``scale_obs=False``); scaling is the default here.
+
+    Returns:
+      A ``keras.Sequential``; after the transpose to channels-last its
+      convolution and dense kernels have the same shapes and flatten order as
+      the notebook's ``tf.keras`` model, so weights carry over unchanged.
+    """
+    _check_num_actions(num_actions)
+    return keras.Sequential(
+        [
+            *_pixel_stem(obs_shape, scale_obs=scale_obs),
+            keras.layers.Conv2D(16, 5, strides=2, name="conv1"),
+            keras.layers.Conv2D(32, 5, strides=2, name="conv2"),
+            keras.layers.Conv2D(32, 5, strides=2, name="conv3"),
+            keras.layers.Flatten(name="flatten"),
+            keras.layers.Dense(num_actions, name="q_values"),
+        ],
+        name="notebook_cnn",
+    )
+
+
+def mlp(num_actions: int, obs_dim: int, hidden: Sequence[int] = (64, 64)) -> keras.Model:
+    """A ReLU multi-layer perceptron for vector observations (CartPole and friends).
+
+    Args:
+      num_actions: size of the discrete action space.
+      obs_dim: length of one observation vector.
+      hidden: widths of the hidden layers.
+
+    Returns:
+      A ``keras.Sequential`` mapping float ``(N, obs_dim)`` to ``(N, num_actions)``.
+    """
+    _check_num_actions(num_actions)
+    if not isinstance(obs_dim, (int, np.integer)) or obs_dim < 1:
+        raise ValueError(f"obs_dim must be a positive integer, got {obs_dim!r}")
+    if any((not isinstance(h, (int, np.integer))) or h < 1 for h in hidden):
+        raise ValueError(f"hidden widths must be positive integers, got {tuple(hidden)}")
+    layers: list[Any] = [keras.Input(shape=(int(obs_dim),), dtype="float32", name="obs")]
+    for i, width in enumerate(hidden):
+        layers.append(keras.layers.Dense(int(width), activation="relu", name=f"fc{i + 1}"))
+    layers.append(keras.layers.Dense(num_actions, name="q_values"))
+    return keras.Sequential(layers, name="mlp")
+
+
+def pure_q_fn(model: keras.Model) -> tuple[QFn, Params]:
+    """Turns a built Keras model into a pure function and its parameters.
+
+    The returned ``q_fn(params, obs)`` calls ``model.stateless_call`` in
+    inference mode; it holds no ``keras.Variable`` and can be jitted, vmapped
+    and differentiated. ``params`` is a list of arrays, one per trainable
+    variable. Non-trainable variables (BatchNorm statistics, say) are frozen at
+    their values at conversion time. The arrays are copies: later use of the
+    model (``fit``, ``predict``) cannot invalidate them.
+
+    Args:
+      model: a built ``keras.Model`` (give it an ``Input`` or call it once).
+
+    Returns:
+      ``(q_fn, params)``.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"expected a keras.Model, got {type(model).__name__}")
+    if not model.built:
+        raise ValueError(
+            f"model {model.name!r} is not built: give it a keras.Input or call it on a batch first"
+        )
+    # Copies, not the variables' own buffers: Keras' fit/predict donate those to
+    # their compiled steps, which would delete arrays still held here.
+    frozen = [jnp.array(v.value, copy=True) for v in model.non_trainable_variables]
+
+    def q_fn(params: Params, obs: jax.Array) -> jax.Array:
+        q_values, _ = model.stateless_call(params, frozen, obs, training=False)
+        return q_values
+
+    return q_fn, [jnp.array(v.value, copy=True) for v in model.trainable_variables]
+
+
+def write_params(model: keras.Model, params: Params) -> keras.Model:
+    """Assigns ``params`` to the model's trainable variables, in place.
+
+    Args:
+      model: the model ``params`` came from (via :func:`pure_q_fn`).
+      params: a list of arrays matching ``model.trainable_variables``.
+
+    Returns:
+      The same model, for chaining (``write_params(m, p).save_weights(...)``).
+    """
+    variables = model.trainable_variables
+    if len(params) != len(variables):
+        raise ValueError(
+            f"model {model.name!r} has {len(variables)} trainable variables, "
+            f"params has {len(params)} arrays"
+        )
+    for var, value in zip(variables, params):
+        if tuple(var.shape) != tuple(np.shape(value)):
+            raise ValueError(
+                f"variable {var.path} has shape {tuple(var.shape)}, "
+                f"params gives {tuple(np.shape(value))}"
+            )
+    for var, value in zip(variables, params):
+        var.assign(jnp.array(value, copy=True))  # never share a buffer Keras may donate
+    return model

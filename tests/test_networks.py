@@ -1,0 +1,133 @@
+"""Keras networks and their pure-function form."""
+
+import jax
+import keras
+import numpy as np
+import pytest
+
+import fdqn
+
+
+def atari_obs(n=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 4, 84, 84), dtype=np.uint8)
+
+
+def test_nature_cnn_shapes_and_layers():
+    model = fdqn.nature_cnn(6)
+    assert model(atari_obs()).shape == (3, 6)
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    assert shapes == [
+        (8, 8, 4, 32), (32,), (4, 4, 32, 64), (64,), (3, 3, 64, 64), (64,),
+        (3136, 512), (512,), (512, 6), (6,),
+    ]  # fmt: skip
+
+
+def test_notebook_cnn_matches_the_notebook_layout():
+    model = fdqn.notebook_cnn(4)
+    shapes = [tuple(v.shape) for v in model.trainable_variables]
+    # 84 -> 40 -> 18 -> 7 with 5x5 stride-2 'valid' convolutions: 7 * 7 * 32 = 1568
+    assert shapes == [
+        (5, 5, 4, 16),
+        (16,),
+        (5, 5, 16, 32),
+        (32,),
+        (5, 5, 32, 32),
+        (32,),
+        (1568, 4),
+        (4,),
+    ]
+
+
+def test_notebook_cnn_has_no_activations():
+    # An affine network maps the midpoint of two inputs to the midpoint of their outputs.
+    model = fdqn.notebook_cnn(4, scale_obs=False)
+    q_fn, params = fdqn.pure_q_fn(model)
+    x = atari_obs(1, seed=1).astype(np.int32) // 2 * 2
+    y = atari_obs(1, seed=2).astype(np.int32) // 2 * 2
+    mid = ((x + y) // 2).astype(np.uint8)
+    qx, qy, qm = (np.asarray(q_fn(params, o.astype(np.uint8))) for o in (x, y, mid))
+    np.testing.assert_allclose(qm, 0.5 * (qx + qy), rtol=1e-4, atol=1e-3)
+    # The Nature CNN, with ReLUs, does not.
+    nq_fn, nparams = fdqn.pure_q_fn(fdqn.nature_cnn(4))
+    nx, ny, nm = (np.asarray(nq_fn(nparams, o.astype(np.uint8))) for o in (x, y, mid))
+    assert not np.allclose(nm, 0.5 * (nx + ny), rtol=1e-4, atol=1e-4)
+
+
+def test_notebook_cnn_scaling_is_a_factor_inside_the_model():
+    keras.utils.set_random_seed(0)
+    raw = fdqn.notebook_cnn(4, scale_obs=False)
+    keras.utils.set_random_seed(0)
+    scaled = fdqn.notebook_cnn(4, scale_obs=True)
+    obs = atari_obs()
+    zero = np.zeros_like(obs)
+    # affine: q(x) - q(0) is linear in x, so scaling the input by 1/255 scales this by 1/255
+    diff_raw = np.asarray(raw(obs)) - np.asarray(raw(zero))
+    diff_scaled = np.asarray(scaled(obs)) - np.asarray(scaled(zero))
+    np.testing.assert_allclose(diff_scaled, diff_raw / 255.0, rtol=1e-3, atol=1e-5)
+
+
+def test_mlp_on_vectors():
+    model = fdqn.mlp(2, obs_dim=4, hidden=(8, 8))
+    out = model(np.zeros((5, 4), np.float32))
+    assert out.shape == (5, 2)
+
+
+def test_pure_q_fn_matches_model_with_and_without_jit():
+    model = fdqn.nature_cnn(4)
+    q_fn, params = fdqn.pure_q_fn(model)
+    obs = atari_obs()
+    expected = np.asarray(model(obs))
+    np.testing.assert_allclose(q_fn(params, obs), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.jit(q_fn)(params, obs), expected, rtol=1e-5, atol=1e-6)
+    assert all(isinstance(p, jax.Array) for p in params)
+    assert not any(isinstance(p, keras.Variable) for p in jax.tree.leaves(params))
+
+
+def test_write_params_round_trip(tmp_path):
+    model = fdqn.mlp(3, obs_dim=4)
+    q_fn, params = fdqn.pure_q_fn(model)
+    new_params = [p + 1.0 for p in params]
+    fdqn.write_params(model, new_params)
+    obs = np.ones((2, 4), np.float32)
+    np.testing.assert_allclose(model.predict(obs, verbose=0), q_fn(new_params, obs), rtol=1e-5)
+    path = tmp_path / "q.weights.h5"
+    model.save_weights(path)
+    other = fdqn.mlp(3, obs_dim=4)
+    other.load_weights(path)
+    np.testing.assert_allclose(other(obs), q_fn(new_params, obs), rtol=1e-5)
+
+
+def test_user_built_model_works_in_train_state():
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(5, activation="tanh"), keras.layers.Dense(2)]
+    )
+    state = fdqn.create_train_state(model, fdqn.make_optimizer(), jax.random.key(0))
+    batch = fdqn.Batch(
+        obs=np.ones((4, 3), np.float32),
+        action=np.array([0, 1, 0, 1]),
+        reward=np.ones(4, np.float32),
+        next_obs=np.zeros((4, 3), np.float32),
+        terminated=np.zeros(4, bool),
+    )
+    state, metrics = fdqn.update(state, batch)
+    assert np.isfinite(float(metrics["loss"]))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="num_actions must be a positive integer"):
+        fdqn.nature_cnn(0)
+    with pytest.raises(ValueError, match="observations of shape"):
+        fdqn.nature_cnn(4, obs_shape=(84, 84))
+    with pytest.raises(ValueError, match="obs_dim"):
+        fdqn.mlp(2, obs_dim=0)
+    with pytest.raises(TypeError, match="expected a keras.Model"):
+        fdqn.pure_q_fn(lambda x: x)
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="is not built"):
+        fdqn.pure_q_fn(unbuilt)
+    model = fdqn.mlp(2, obs_dim=4)
+    _, params = fdqn.pure_q_fn(model)
+    with pytest.raises(ValueError, match="trainable variables"):
+        fdqn.write_params(model, params[:-1])
+    with pytest.raises(ValueError, match="has shape"):
+        fdqn.write_params(model, [np.zeros((1, 1))] + params[1:])
