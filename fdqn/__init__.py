@@ -12,7 +12,6 @@ from fdqn.exploration import (  # noqa: E402
     select_actions,
 )
 from fdqn.learner import (  # noqa: E402
-    Batch,
     TrainState,
     clip_by_tensor_norm,
     create_train_state,
@@ -22,6 +21,7 @@ from fdqn.learner import (  # noqa: E402
     update,
 )
 from fdqn.networks import mlp, nature_cnn, notebook_cnn, pure_q_fn, write_params  # noqa: E402
+from fdqn.replay import Batch, ReplayMemory  # noqa: E402
 from fdqn.value_learning import (  # noqa: E402
     double_q_learning,
     huber_loss,
@@ -34,6 +34,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Batch",
     "KerasBackendError",
+    "ReplayMemory",
     "TrainState",
     "clip_by_tensor_norm",
     "create_train_state",

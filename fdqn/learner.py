@@ -8,7 +8,7 @@ one Keras model; the target is refreshed by copy (or Polyak averaging).
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,30 +17,12 @@ import numpy as np
 import optax
 
 from fdqn.networks import Params, QFn, pure_q_fn
+from fdqn.replay import Batch
 from fdqn.value_learning import double_q_learning, huber_loss, q_learning, squared_loss
 
 CLIP_MODES = ("per_tensor", "global", "none")
 OPTIMIZERS = ("adam", "rmsprop")
 REDUCTIONS = ("mean", "sum")
-
-
-class Batch(NamedTuple):
-    """A batch of transitions ``(s_tm1, a_tm1, r_t, terminated_t, s_t)``.
-
-    Attributes:
-      obs: ``(B, *obs_shape)`` observations at which the actions were taken.
-      action: ``(B,)`` integer actions.
-      reward: ``(B,)`` rewards (clipped ones, on Atari).
-      next_obs: ``(B, *obs_shape)`` observations after the actions.
-      terminated: ``(B,)`` bool or 0/1 float: the next state is terminal (no
-        bootstrap). Truncation by a time limit is not termination.
-    """
-
-    obs: Any
-    action: Any
-    reward: Any
-    next_obs: Any
-    terminated: Any
 
 
 @functools.partial(

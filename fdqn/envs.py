@@ -1,0 +1,217 @@
+"""Vectorized environments: Atari through ale-py, everything else through gymnasium.
+
+:func:`make` returns a gymnasium 1.x ``VectorEnv`` whose ``step`` gives
+``(obs, reward, terminated, truncated, info)`` for all environments at once,
+with next-step autoreset: an environment that ended on one step is reset by
+the next, whose action is ignored and whose output begins a new episode.
+
+What each field means, for Atari and classic control alike:
+
+- ``reward``: the reward learning sees; on Atari clipped to its sign
+  (``clip_rewards``), the unclipped one in ``info["raw_reward"]``.
+- ``terminated`` / ``truncated``: the end of a whole game (all lives) and a
+  time limit. Only termination stops bootstrapping.
+- ``info["life_lost"]``: a life was lost on this step (all False where the
+  game has no lives). DQN treats it as terminal for learning
+  (``terminal_on_life_loss``) while the game, and its score, go on.
+- ``info["episode"]`` / ``info["_episode"]``: on the step a game ends, its true
+  score (sum of unclipped rewards over all lives) and length in agent steps,
+  as gymnasium's ``RecordEpisodeStatistics`` records them.
+
+One agent step on Atari is ``frameskip`` (4) emulator frames.
+"""
+
+import dataclasses
+import re
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from ale_py import roms
+from ale_py.vector_env import AtariVectorEnv
+from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+STICKY_V5 = 0.25
+
+
+@dataclasses.dataclass(frozen=True)
+class AtariSpec:
+    """How an Atari env id was understood.
+
+    Attributes:
+      game: the ale-py ROM name, snake_case (``"breakout"``).
+      repeat_action_probability: sticky-action probability implied by the id
+        (0.25 for ``ALE/...-v5``, 0 for ``...NoFrameskip-v4`` and bare names).
+    """
+
+    game: str
+    repeat_action_probability: float
+
+
+def _snake_case(name: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).lower()
+
+
+def parse_atari_id(env_id: str) -> AtariSpec | None:
+    """Reads an Atari env id in any of its usual spellings, or returns None.
+
+    Accepted: ``"BreakoutNoFrameskip-v4"``, ``"Breakout-v4"``,
+    ``"ALE/Breakout-v5"``, ``"breakout"``, ``"Breakout"``, for any ROM that
+    ale-py ships (``ale_py.roms.get_all_rom_ids()``).
+    """
+    match = re.fullmatch(
+        r"(?:ALE/)?([A-Za-z0-9_]+?)(NoFrameskip|Deterministic)?(?:-v(\d+))?", env_id
+    )
+    if match is None:
+        return None
+    name, _, version = match.groups()
+    game = name if "_" in name or name.islower() else _snake_case(name)
+    if game not in roms.get_all_rom_ids():
+        return None
+    sticky = STICKY_V5 if version == "5" else 0.0
+    return AtariSpec(game=game, repeat_action_probability=sticky)
+
+
+def list_env_ids() -> list[str]:
+    """Env ids :func:`make` accepts: ale-py's games (bare names) and gymnasium's registry."""
+    atari = sorted(roms.get_all_rom_ids())
+    registered = sorted(k for k in gym.registry if not k.startswith("ALE/"))
+    return atari + registered
+
+
+def is_atari(env_id: str) -> bool:
+    """Whether ``env_id`` names an Atari game ale-py ships."""
+    return parse_atari_id(env_id) is not None
+
+
+class _LifeLossInfo(gym.vector.VectorWrapper):
+    """Adds ``info["life_lost"]``: True where ``info["lives"]`` dropped on this step."""
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._lives = np.asarray(info["lives"]).copy()
+        info["life_lost"] = np.zeros(self.num_envs, bool)
+        return obs, info
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        lives = np.asarray(info["lives"])
+        info["life_lost"] = lives < self._lives
+        self._lives = lives.copy()
+        return obs, reward, terminated, truncated, info
+
+
+class _NoLives(gym.vector.VectorWrapper):
+    """Gives environments without lives an all-False ``info["life_lost"]``."""
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        info["life_lost"] = np.zeros(self.num_envs, bool)
+        return obs, info
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        info["life_lost"] = np.zeros(self.num_envs, bool)
+        return obs, reward, terminated, truncated, info
+
+
+class _LearningReward(gym.vector.VectorWrapper):
+    """Float32 rewards, clipped to their sign if asked; raw ones in ``info["raw_reward"]``."""
+
+    def __init__(self, env: gym.vector.VectorEnv, clip: bool):
+        super().__init__(env)
+        self._clip = clip
+
+    def reset(self, *, seed=None, options=None):
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        info["raw_reward"] = reward
+        reward = np.sign(reward) if self._clip else reward
+        return obs, np.asarray(reward, np.float32), terminated, truncated, info
+
+
+def make(
+    env_id: str,
+    num_envs: int = 1,
+    *,
+    clip_rewards: bool = True,
+    repeat_action_probability: float | None = None,
+    noop_max: int = 30,
+    frameskip: int = 4,
+    stack: int = 4,
+    max_episode_frames: int = 108_000,
+    num_threads: int = 0,
+) -> gym.vector.VectorEnv:
+    """Makes ``num_envs`` copies of an environment, stepped as one batch.
+
+    Atari games run in ale-py's C++ ``AtariVectorEnv`` with the DeepMind
+    preprocessing of Mnih et al. (2015): up to ``noop_max`` no-ops on reset,
+    FIRE on reset where the game needs it, each action repeated for
+    ``frameskip`` frames with the maximum of the last two, 84x84 grayscale, a
+    stack of ``stack`` frames (zeros before an episode's first frame), and
+    uint8 observations of shape ``(num_envs, stack, 84, 84)``. Other ids are
+    made with ``gymnasium.make_vec`` (synchronous) and must have a discrete
+    action space.
+
+    Seed with ``env.reset(seed=s)``: environment ``i`` gets seed ``s + i``.
+
+    Args:
+      env_id: ``"BreakoutNoFrameskip-v4"``, ``"ALE/Breakout-v5"``,
+        ``"breakout"``, ``"CartPole-v1"``, ... (see :func:`list_env_ids`).
+      num_envs: number of environments; positive.
+      clip_rewards: Atari only: return rewards clipped to their sign.
+      repeat_action_probability: Atari sticky actions; default from the id
+        (0.25 for ``-v5``, 0 otherwise, the v4 behaviour).
+      noop_max, frameskip, stack, max_episode_frames, num_threads: Atari
+        preprocessing, the episode time limit in emulator frames (truncation)
+        and ale-py's worker threads (0: one per environment, up to the cores).
+
+    Returns:
+      A gymnasium ``VectorEnv`` with the fields described in this module.
+    """
+    if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+    spec = parse_atari_id(env_id)
+    if spec is not None:
+        sticky = spec.repeat_action_probability
+        if repeat_action_probability is not None:
+            sticky = repeat_action_probability
+        if not 0.0 <= sticky <= 1.0:
+            raise ValueError(f"repeat_action_probability must be in [0, 1], got {sticky}")
+        env = AtariVectorEnv(
+            spec.game,
+            int(num_envs),
+            num_threads=num_threads,
+            repeat_action_probability=sticky,
+            noop_max=noop_max,
+            frameskip=frameskip,
+            stack_num=stack,
+            max_num_frames_per_episode=max_episode_frames,
+            episodic_life=False,
+            life_loss_info=False,
+            reward_clipping=False,
+            use_fire_reset=True,
+        )
+        return _LearningReward(RecordEpisodeStatistics(_LifeLossInfo(env)), clip=clip_rewards)
+    if env_id not in gym.registry:
+        raise ValueError(
+            f"unknown env id {env_id!r}: use an Atari game ale-py ships ('breakout', "
+            f"'BreakoutNoFrameskip-v4', 'ALE/Breakout-v5') or a gymnasium id such as "
+            f"'CartPole-v1'; fdqn.envs.list_env_ids() lists them"
+        )
+    env = gym.make_vec(env_id, num_envs=int(num_envs), vectorization_mode="sync")
+    if not isinstance(env.single_action_space, gym.spaces.Discrete):
+        space = env.single_action_space
+        env.close()
+        raise ValueError(f"{env_id} has action space {space}; DQN needs a Discrete one")
+    return _LearningReward(_NoLives(RecordEpisodeStatistics(env)), clip=False)
+
+
+def episode_stats(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """True scores and lengths of the games that ended on this step (possibly none)."""
+    if "_episode" not in info:
+        return np.zeros(0, np.float64), np.zeros(0, np.int64)
+    done = np.asarray(info["_episode"])
+    return np.asarray(info["episode"]["r"])[done], np.asarray(info["episode"]["l"])[done]

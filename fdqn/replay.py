@@ -1,0 +1,335 @@
+"""A replay memory for N parallel environments that stores each frame once.
+
+Frame-stacked Atari observations share all but one frame with the
+observation before them, and ``next_obs`` shares all but one with ``obs``.
+Storing whole transitions keeps every frame 8 times over; this memory keeps,
+per environment and per step, only the newest frame, the action, the reward
+and two flags, and rebuilds both stacks when it samples. A stack never
+reaches back past the start of its episode: older frames come out as zeros,
+exactly as the environment gives them after a reset.
+
+Layout: one ring of ``capacity // num_envs`` transitions per environment,
+all written in step, so that a stream position ``t`` is the same step for
+every environment. Position ``t`` holds the newest frame of the observation
+seen at step ``t`` and the action, reward and ``terminated`` flag of the
+transition from it; that transition is *valid* once the frame of step
+``t + 1`` is written, unless step ``t + 1`` was an autoreset (the env's
+episode ended at ``t`` and its output starts a new one). Each ring keeps
+``frame_stack`` extra slots so the oldest transition still has its history.
+
+Usage with a next-step-autoreset vector env::
+
+    obs, _ = env.reset(seed=0)
+    memory.start(obs)
+    prev_done = np.zeros(num_envs, bool)
+    while ...:
+        next_obs, reward, terminated, truncated, info = env.step(actions)
+        memory.add(actions, reward, next_obs, terminated, autoreset=prev_done)
+        prev_done = terminated | truncated
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+_FORMAT = "fdqn.replay/1"
+_ARRAYS = ("frames", "action", "reward", "terminated", "valid", "first")
+
+
+class Batch(NamedTuple):
+    """A batch of transitions ``(s_tm1, a_tm1, r_t, terminated_t, s_t)``.
+
+    Attributes:
+      obs: ``(B, *obs_shape)`` observations at which the actions were taken.
+      action: ``(B,)`` integer actions.
+      reward: ``(B,)`` rewards (clipped ones, on Atari).
+      next_obs: ``(B, *obs_shape)`` observations after the actions.
+      terminated: ``(B,)`` bool or 0/1 float: the next state is terminal (no
+        bootstrap). Truncation by a time limit is not termination.
+    """
+
+    obs: Any
+    action: Any
+    reward: Any
+    next_obs: Any
+    terminated: Any
+
+
+class ReplayMemory:
+    """Fixed-capacity uniform replay for ``num_envs`` environments stepped together.
+
+    Args:
+      capacity: maximum number of transitions held, over all environments; at
+        least ``num_envs``. Each environment gets ``capacity // num_envs``.
+      num_envs: number of environments writing each step.
+      obs_shape: shape of one observation, e.g. ``(4, 84, 84)`` or ``(4,)``.
+      obs_dtype: dtype observations are stored and returned in (uint8 for
+        Atari, float32 for vectors).
+      frame_stack: if set, observations are stacks of this many frames along
+        their first axis, and only the newest frame of each is stored.
+      seed: seed of the generator used by :meth:`sample`.
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        num_envs: int,
+        obs_shape: Sequence[int],
+        obs_dtype: np.dtype | type = np.float32,
+        frame_stack: int | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+            raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+        if not isinstance(capacity, (int, np.integer)) or capacity < num_envs:
+            raise ValueError(
+                f"capacity must be an integer of at least num_envs ({num_envs}), got {capacity!r}"
+            )
+        self.obs_shape = tuple(int(d) for d in obs_shape)
+        self.obs_dtype = np.dtype(obs_dtype)
+        if frame_stack is not None:
+            if frame_stack < 1 or len(self.obs_shape) < 2 or self.obs_shape[0] != frame_stack:
+                raise ValueError(
+                    f"frame_stack={frame_stack} needs observations of shape "
+                    f"({frame_stack}, ...), got {self.obs_shape}"
+                )
+        self.frame_stack = frame_stack
+        self.num_envs = int(num_envs)
+        self.per_env = int(capacity) // self.num_envs
+        self.capacity = self.per_env * self.num_envs
+        history = frame_stack or 1
+        self.slots = self.per_env + history  # history - 1 older frames, plus the next frame
+        frame_shape = self.obs_shape[1:] if frame_stack else self.obs_shape
+        n, s = self.num_envs, self.slots
+        self._frames = np.zeros((n, s, *frame_shape), self.obs_dtype)
+        self._action = np.zeros((n, s), np.int32)
+        self._reward = np.zeros((n, s), np.float32)
+        self._terminated = np.zeros((n, s), bool)
+        self._valid = np.zeros((n, s), bool)
+        self._first = np.zeros((n, s), bool)
+        self._writes = 0  # stream positions written, per environment
+        self._size = 0  # valid transitions held, over all environments
+        self._rng = np.random.default_rng(seed)
+
+    # -- writing ---------------------------------------------------------------
+
+    def _frame_of(self, obs: np.ndarray, name: str) -> np.ndarray:
+        obs = np.asarray(obs)
+        if obs.shape != (self.num_envs, *self.obs_shape):
+            raise ValueError(
+                f"{name} must have shape {(self.num_envs, *self.obs_shape)}, got {obs.shape}"
+            )
+        if not np.can_cast(obs.dtype, self.obs_dtype, "same_kind"):
+            raise ValueError(f"{name} must have dtype {self.obs_dtype}, got {obs.dtype}")
+        return obs[:, -1] if self.frame_stack else obs
+
+    def _write(self, frame: np.ndarray, first: np.ndarray) -> None:
+        # The position leaving the sampling window keeps its frame as history
+        # for newer stacks but stops being a transition. Clear it before the
+        # write: with one-frame observations it is the slot overwritten below.
+        leaving = self._writes + 1 - self.per_env - 2
+        if leaving >= 0:
+            leaving_slot = leaving % self.slots
+            self._size -= int(np.count_nonzero(self._valid[:, leaving_slot]))
+            self._valid[:, leaving_slot] = False
+        slot = self._writes % self.slots
+        self._frames[:, slot] = frame
+        self._first[:, slot] = first
+        self._valid[:, slot] = False
+        self._action[:, slot] = 0
+        self._reward[:, slot] = 0.0
+        self._terminated[:, slot] = False
+        self._writes += 1
+
+    def start(self, obs: np.ndarray) -> None:
+        """Begins new episodes in all environments with their first observations.
+
+        Call after ``env.reset()``. Frames before these are treated as zeros.
+        """
+        self._write(self._frame_of(obs, "obs"), np.ones(self.num_envs, bool))
+
+    def add(
+        self,
+        action: np.ndarray,
+        reward: np.ndarray,
+        next_obs: np.ndarray,
+        terminated: np.ndarray,
+        autoreset: np.ndarray | None = None,
+    ) -> None:
+        """Records one step of all environments.
+
+        Args:
+          action: ``(num_envs,)`` actions taken at the previous observations.
+          reward: ``(num_envs,)`` rewards received.
+          next_obs: ``(num_envs, *obs_shape)`` observations returned by the step.
+          terminated: ``(num_envs,)`` whether ``next_obs`` is terminal for
+            learning (game over or, on Atari, a lost life); not truncation.
+          autoreset: ``(num_envs,)`` whether this step only reset the env
+            (its previous step ended the episode): no transition is stored,
+            and ``next_obs`` begins a new episode. None means all False.
+        """
+        if self._writes == 0:
+            raise RuntimeError("call start(obs) with the first observations before add()")
+        frame = self._frame_of(next_obs, "next_obs")
+        autoreset = np.zeros(self.num_envs, bool) if autoreset is None else autoreset
+        columns = {
+            "action": (action, np.integer),
+            "reward": (reward, np.number),
+            "terminated": (terminated, np.bool_),
+            "autoreset": (autoreset, np.bool_),
+        }
+        checked = {}
+        for name, (value, kind) in columns.items():
+            value = np.asarray(value)
+            if value.shape != (self.num_envs,):
+                raise ValueError(f"{name} must have shape ({self.num_envs},), got {value.shape}")
+            if not np.issubdtype(value.dtype, kind):
+                raise ValueError(f"{name} must have a {kind.__name__} dtype, got {value.dtype}")
+            checked[name] = value
+        keep = ~checked["autoreset"]
+        slot = (self._writes - 1) % self.slots
+        self._action[keep, slot] = checked["action"][keep]
+        self._reward[keep, slot] = checked["reward"][keep]
+        self._terminated[keep, slot] = checked["terminated"][keep]
+        self._valid[keep, slot] = True
+        self._size += int(np.count_nonzero(keep))
+        self._write(frame, checked["autoreset"])
+
+    # -- reading ---------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Number of transitions that can be sampled."""
+        return self._size
+
+    def nbytes(self) -> int:
+        """Bytes held by the memory's arrays."""
+        return sum(getattr(self, f"_{name}").nbytes for name in _ARRAYS)
+
+    def sample(self, batch_size: int) -> Batch:
+        """Draws ``batch_size`` transitions uniformly, with replacement.
+
+        Returns:
+          A :class:`fdqn.Batch` of numpy arrays: ``obs`` and ``next_obs`` of
+          shape ``(batch_size, *obs_shape)`` in ``obs_dtype``, int32 actions,
+          float32 rewards and bool ``terminated``.
+        """
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if batch_size > self._size:
+            raise ValueError(
+                f"cannot sample a batch of {batch_size}: the replay memory holds "
+                f"{self._size} transitions (capacity {self.capacity})"
+            )
+        env, pos = self._draw(batch_size)
+        return self._gather(env, pos)
+
+    def _draw(self, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Uniform (env, position) pairs among valid transitions, by rejection."""
+        low = max(0, self._writes - self.per_env - 1)
+        span = self._writes - 1 - low  # positions low .. writes - 2
+        accept = self._size / (span * self.num_envs)
+        envs, positions, have = [], [], 0
+        while have < batch_size:
+            n = int((batch_size - have) / accept * 1.1) + 8
+            env = self._rng.integers(0, self.num_envs, n)
+            pos = self._rng.integers(low, low + span, n)
+            ok = self._valid[env, pos % self.slots]
+            envs.append(env[ok])
+            positions.append(pos[ok])
+            have += int(np.count_nonzero(ok))
+        return np.concatenate(envs)[:batch_size], np.concatenate(positions)[:batch_size]
+
+    def _gather(self, env: np.ndarray, pos: np.ndarray) -> Batch:
+        history = self.frame_stack or 1
+        # window positions pos - history + 1 .. pos + 1: obs frames then the next frame
+        window = pos[:, None] + np.arange(-history + 1, 2)
+        slots = window % self.slots
+        rows = env[:, None]
+        frames = self._frames[rows, slots]
+        if self.frame_stack:
+            # frame j is kept only if no episode starts after it, up to pos
+            first = self._first[rows, slots]
+            keep = np.ones(window.shape, bool)
+            for j in range(history - 2, -1, -1):
+                keep[:, j] = keep[:, j + 1] & ~first[:, j + 1]
+            frames = np.where(keep.reshape(keep.shape + (1,) * (frames.ndim - 2)), frames, 0)
+            obs, next_obs = frames[:, :-1], frames[:, 1:]
+        else:
+            obs, next_obs = frames[:, 0], frames[:, 1]
+        here = pos % self.slots
+        return Batch(
+            obs=obs,
+            action=self._action[env, here],
+            reward=self._reward[env, here],
+            next_obs=next_obs,
+            terminated=self._terminated[env, here],
+        )
+
+    # -- saving ----------------------------------------------------------------
+
+    def _meta(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "capacity": self.capacity,
+            "num_envs": self.num_envs,
+            "obs_shape": list(self.obs_shape),
+            "obs_dtype": self.obs_dtype.str,
+            "frame_stack": self.frame_stack,
+            "writes": self._writes,
+            "size": self._size,
+            "rng": self._rng.bit_generator.state,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the contents to an ``.npz`` file, atomically (no pickle)."""
+        path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".replay-", suffix=".npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                arrays = {name: getattr(self, f"_{name}") for name in _ARRAYS}
+                np.savez(f, meta=np.array(json.dumps(self._meta())), **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ReplayMemory":
+        """Reads a memory written by :meth:`save`; a damaged file raises ValueError."""
+        try:
+            with np.load(os.fspath(path), allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                arrays = {name: data[name] for name in _ARRAYS}
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # zip, json and key errors all mean the same to the caller
+            raise ValueError(f"{path} is not a readable fdqn replay file ({e})") from None
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not an fdqn replay file (format {meta.get('format')!r})")
+        memory = cls(
+            meta["capacity"],
+            meta["num_envs"],
+            meta["obs_shape"],
+            np.dtype(meta["obs_dtype"]),
+            meta["frame_stack"],
+        )
+        for name, value in arrays.items():
+            mine = getattr(memory, f"_{name}")
+            if value.shape != mine.shape or value.dtype != mine.dtype:
+                raise ValueError(
+                    f"{path}: array {name} has shape {value.shape} {value.dtype}, "
+                    f"expected {mine.shape} {mine.dtype}"
+                )
+            mine[...] = value
+        memory._writes = int(meta["writes"])
+        memory._size = int(meta["size"])
+        if memory._size != int(np.count_nonzero(memory._valid)):
+            raise ValueError(f"{path}: stored size does not match its contents")
+        memory._rng.bit_generator.state = meta["rng"]
+        return memory

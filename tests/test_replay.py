@@ -1,0 +1,264 @@
+"""Replay memory against a naive reference that stores whole transitions."""
+
+import collections
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fdqn import ReplayMemory
+
+FRAME = 3  # elements per frame: small, unique per (env, step)
+
+
+class FakeVectorEnv:
+    """A next-step-autoreset vector env whose frames are all distinct and non-zero.
+
+    Episodes of env ``e`` have lengths ``lengths[e][i % len(lengths[e])]`` and end by
+    termination or truncation at random; lives are lost at random in between.
+    """
+
+    def __init__(self, num_envs, lengths, stack, seed):
+        self.n, self.lengths, self.stack = num_envs, lengths, stack
+        self.rng = np.random.default_rng(seed)
+        self.counter = 0
+        self.episode = [0] * num_envs
+        self.t = [0] * num_envs
+        self.stacks = [None] * num_envs
+        self.done = np.zeros(num_envs, bool)
+
+    def _frame(self, e):
+        self.counter += 1
+        c = self.counter
+        if self.stack:
+            return np.array([c % 250 + 1, c // 250 % 250 + 1, e + 1], np.uint8)
+        return np.array([c, e, 1.5], np.float32)
+
+    def _begin(self, e):
+        f = self._frame(e)
+        self.t[e] = 0
+        if self.stack:
+            self.stacks[e] = np.stack([np.zeros_like(f)] * (self.stack - 1) + [f])
+        else:
+            self.stacks[e] = f
+
+    def reset(self):
+        for e in range(self.n):
+            self._begin(e)
+        self.done[:] = False
+        return np.stack(self.stacks)
+
+    def step(self, actions):
+        reward = np.zeros(self.n, np.float32)
+        terminated = np.zeros(self.n, bool)
+        truncated = np.zeros(self.n, bool)
+        learn_terminal = np.zeros(self.n, bool)
+        autoreset = self.done.copy()
+        for e in range(self.n):
+            if self.done[e]:
+                self.episode[e] += 1
+                self._begin(e)
+                continue
+            f = self._frame(e)
+            self.stacks[e] = np.concatenate([self.stacks[e][1:], f[None]]) if self.stack else f
+            self.t[e] += 1
+            reward[e] = self.rng.integers(-2, 3)
+            lengths = self.lengths[e]
+            if self.t[e] >= lengths[self.episode[e] % len(lengths)]:
+                if self.rng.random() < 0.5:
+                    terminated[e] = True
+                else:
+                    truncated[e] = True
+            learn_terminal[e] = terminated[e] or self.rng.random() < 0.1  # life loss
+        self.done = terminated | truncated
+        return np.stack(self.stacks), reward, terminated, truncated, learn_terminal, autoreset
+
+
+def key(obs, action, reward, next_obs, terminated):
+    return (np.asarray(obs).tobytes(), int(action), float(reward), np.asarray(next_obs).tobytes(),
+            bool(terminated))  # fmt: skip
+
+
+def run(num_envs, capacity, lengths, stack, steps, seed=0):
+    """Feeds the same stream to the memory and to the naive reference."""
+    env = FakeVectorEnv(num_envs, lengths, stack, seed)
+    obs_shape = (stack, FRAME) if stack else (FRAME,)
+    memory = ReplayMemory(
+        capacity, num_envs, obs_shape, np.uint8 if stack else np.float32, stack or None, seed
+    )
+    per_env = capacity // num_envs
+    # naive reference: per env, the last per_env steps, each a whole transition or None
+    reference = [collections.deque(maxlen=per_env) for _ in range(num_envs)]
+    rng = np.random.default_rng(seed + 1)
+    obs = env.reset()
+    memory.start(obs)
+    for _ in range(steps):
+        actions = rng.integers(0, 4, num_envs)
+        next_obs, reward, _, _, learn_terminal, autoreset = env.step(actions)
+        memory.add(actions, reward, next_obs, learn_terminal, autoreset)
+        for e in range(num_envs):
+            entry = None
+            if not autoreset[e]:
+                entry = key(obs[e], actions[e], reward[e], next_obs[e], learn_terminal[e])
+            reference[e].append(entry)
+        obs = next_obs
+    held = collections.Counter(k for ring in reference for k in ring if k is not None)
+    return memory, held
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    num_envs=st.integers(1, 4),
+    extra_capacity=st.integers(0, 40),
+    lengths=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=4), min_size=4, max_size=4),
+    stack=st.sampled_from([0, 2, 4]),
+    steps=st.integers(1, 90),
+    seed=st.integers(0, 1000),
+)
+def test_samples_are_transitions_the_reference_holds(
+    num_envs, extra_capacity, lengths, stack, steps, seed
+):
+    capacity = num_envs + extra_capacity
+    memory, held = run(num_envs, capacity, lengths, stack, steps, seed)
+    assert len(memory) == sum(held.values())
+    if len(memory) == 0:
+        with pytest.raises(ValueError, match="holds 0 transitions"):
+            memory.sample(1)
+        return
+    batches = [memory.sample(len(memory)) for _ in range(max(4, 64 // len(memory)))]
+    batch = type(batches[0])(*(np.concatenate(column) for column in zip(*batches)))
+    seen = set()
+    for i in range(len(batch.action)):
+        k = key(batch.obs[i], batch.action[i], batch.reward[i], batch.next_obs[i],
+                batch.terminated[i])  # fmt: skip
+        assert k in held, f"sampled transition {i} is not one the reference holds"
+        seen.add(k)
+    if len(held) <= 8:  # with 4x oversampling every held transition shows up
+        assert seen == set(held)
+
+
+def test_stacks_are_zero_padded_at_episode_start():
+    # one env, episodes of length 2: stacks never hold frames of the previous episode
+    memory, held = run(1, 50, [[2]], 4, 30)
+    batch = memory.sample(len(memory))
+    for obs, next_obs in zip(batch.obs, batch.next_obs):
+        ids = {tuple(f) for f in np.concatenate([obs, next_obs]) if f.any()}
+        # frames of one episode are consecutive counters; at most 3 distinct here
+        assert len(ids) <= 3
+        assert obs[0].sum() == 0 and obs[1].sum() == 0  # at most 2 real frames before the end
+
+
+def test_wraparound_keeps_only_the_newest():
+    memory, held = run(2, 10, [[100], [100]], 4, 57)
+    assert len(memory) == 10 == sum(held.values())
+    batch = memory.sample(10)
+    # counters of the sampled obs' newest frames all belong to the last 5 steps per env
+    newest = batch.obs[:, -1, 0].astype(int) - 1 + 250 * (batch.obs[:, -1, 1].astype(int) - 1)
+    assert newest.min() >= 2 * (57 - 5)
+
+
+def test_capacity_one():
+    memory, held = run(1, 1, [[3]], 4, 7)
+    assert len(memory) == sum(held.values()) <= 1
+    memory, held = run(1, 1, [[100]], 0, 7)
+    assert len(memory) == 1
+    b = memory.sample(1)
+    assert key(b.obs[0], b.action[0], b.reward[0], b.next_obs[0], b.terminated[0]) in held
+
+
+def test_batch_larger_than_size_is_an_error():
+    memory, _ = run(2, 100, [[50], [50]], 4, 3)
+    assert len(memory) == 6
+    with pytest.raises(ValueError, match="cannot sample a batch of 7: the replay memory holds 6"):
+        memory.sample(7)
+
+
+def test_seeded_sampling_is_reproducible():
+    a, _ = run(3, 60, [[5], [7], [2]], 4, 40, seed=3)
+    b, _ = run(3, 60, [[5], [7], [2]], 4, 40, seed=3)
+    for x, y in zip(a.sample(32), b.sample(32)):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_bytes_per_atari_transition_under_target():
+    capacity = 100_000
+    memory = ReplayMemory(capacity, 8, (4, 84, 84), np.uint8, frame_stack=4)
+    per_transition = memory.nbytes() / capacity
+    assert per_transition <= 7300, per_transition  # a whole (obs, next_obs) pair is 56,448 bytes
+
+
+def test_save_and_load_round_trip(tmp_path):
+    memory, _ = run(2, 40, [[3], [8]], 4, 50, seed=5)
+    path = tmp_path / "replay.npz"
+    memory.save(path)
+    restored = ReplayMemory.load(path)
+    assert len(restored) == len(memory)
+    for x, y in zip(memory.sample(32), restored.sample(32)):
+        np.testing.assert_array_equal(x, y)  # same contents and same generator state
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "replay.npz"
+    path.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a readable fdqn replay file"):
+        ReplayMemory.load(path)
+
+
+def test_failed_save_leaves_existing_file(tmp_path, monkeypatch):
+    memory, _ = run(1, 10, [[3]], 4, 5)
+    path = tmp_path / "replay.npz"
+    memory.save(path)
+    before = path.read_bytes()
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        memory.save(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["replay.npz"]
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda m: m.add(
+                np.zeros(2, int), np.zeros(2), np.zeros((2, 4, 3), np.uint8), np.zeros(2, bool)
+            ),
+            "call start",
+        ),  # fmt: skip
+        (lambda m: m.start(np.zeros((2, 4, 5), np.uint8)), r"obs must have shape \(2, 4, 3\)"),
+        (lambda m: m.start(np.zeros((2, 4, 3), np.float32)), "obs must have dtype uint8"),
+    ],
+)
+def test_bad_writes(call, message):
+    memory = ReplayMemory(10, 2, (4, 3), np.uint8, frame_stack=4)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        call(memory)
+
+
+def test_bad_add_columns():
+    memory = ReplayMemory(10, 2, (4, 3), np.uint8, frame_stack=4)
+    memory.start(np.zeros((2, 4, 3), np.uint8))
+    obs = np.zeros((2, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="action must have a integer dtype"):
+        memory.add(np.zeros(2), np.zeros(2), obs, np.zeros(2, bool))
+    with pytest.raises(ValueError, match=r"reward must have shape \(2,\)"):
+        memory.add(np.zeros(2, int), np.zeros(3), obs, np.zeros(2, bool))
+    assert len(memory) == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((1, 2, (4,)), "capacity must be an integer of at least num_envs"),
+        ((10, 0, (4,)), "num_envs must be a positive integer"),
+        ((10, 1, (3, 84, 84), np.uint8, 4), "frame_stack=4 needs observations of shape"),
+    ],
+)
+def test_bad_construction(args, message):
+    with pytest.raises(ValueError, match=message):
+        ReplayMemory(*args)
