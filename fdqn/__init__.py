@@ -22,6 +22,7 @@ from fdqn.learner import (  # noqa: E402
 )
 from fdqn.networks import mlp, nature_cnn, notebook_cnn, pure_q_fn, write_params  # noqa: E402
 from fdqn.replay import Batch, ReplayMemory  # noqa: E402
+from fdqn.rollout import Rollout  # noqa: E402
 from fdqn.value_learning import (  # noqa: E402
     double_q_learning,
     huber_loss,
@@ -35,6 +36,7 @@ __all__ = [
     "Batch",
     "KerasBackendError",
     "ReplayMemory",
+    "Rollout",
     "TrainState",
     "clip_by_tensor_norm",
     "create_train_state",

@@ -1,0 +1,103 @@
+"""Stepping N environments at once with the jitted epsilon-greedy policy.
+
+Each :meth:`Rollout.step` is one jit-compiled call that computes the Q-values
+and actions of all environments (and advances the PRNG key), one step of the
+vector env, and one batched write to the replay memory. No per-environment
+Python loop.
+
+Counting: one *agent step* is one step of one environment (``frameskip``
+emulator frames on Atari). A step of ``num_envs`` environments is
+``num_envs`` agent steps; :attr:`Rollout.agent_steps` counts them, including
+the steps that only reset an environment after its episode ended.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import chex
+import gymnasium as gym
+import jax
+import numpy as np
+
+from fdqn.envs import episode_stats
+from fdqn.exploration import epsilon_greedy
+
+
+class Memory(Protocol):
+    """What the rollout needs of a replay memory (``fdqn.ReplayMemory`` has it)."""
+
+    def start(self, obs: np.ndarray) -> None: ...
+
+    def add(self, action, reward, next_obs, terminated, autoreset) -> None: ...
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _act(q_fn: Callable, params: Any, key: jax.Array, obs: jax.Array, epsilon: chex.Numeric):
+    key, use = jax.random.split(key)
+    return key, epsilon_greedy(use, q_fn(params, obs), epsilon)
+
+
+class Rollout:
+    """Collects experience from a vector env into a replay memory.
+
+    Args:
+      env: a vector env from :func:`fdqn.envs.make` (next-step autoreset,
+        ``info["life_lost"]``, episode statistics).
+      q_fn: ``q_fn(params, obs) -> (num_envs, num_actions)``.
+      memory: where transitions go (``None`` to only act, e.g. to evaluate).
+      seed: seeds the environments (env ``i`` gets ``seed + i``) and the
+        exploration key.
+      terminal_on_life_loss: store a lost life as a terminal transition (no
+        bootstrap), as DQN on Atari does; the game itself goes on.
+    """
+
+    def __init__(
+        self,
+        env: gym.vector.VectorEnv,
+        q_fn: Callable,
+        memory: Memory | None = None,
+        *,
+        seed: int = 0,
+        terminal_on_life_loss: bool = True,
+    ):
+        self.env = env
+        self.q_fn = q_fn
+        self.memory = memory
+        self.terminal_on_life_loss = terminal_on_life_loss
+        self.num_envs = env.num_envs
+        self.num_actions = int(env.single_action_space.n)
+        self.key = jax.random.key(seed)
+        self._rng = np.random.default_rng(seed)
+        self.obs, _ = env.reset(seed=seed)
+        self._ended = np.zeros(self.num_envs, bool)
+        self.agent_steps = 0
+        if memory is not None:
+            memory.start(self.obs)
+
+    def step(self, params: Any, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+        """Acts in every environment once and records the transitions.
+
+        Args:
+          params: parameters for ``q_fn``.
+          epsilon: exploration rate; at 1 the network is not evaluated.
+
+        Returns:
+          ``(scores, lengths)`` of the games that ended on this step: true
+          (unclipped, all-lives) scores and lengths in agent steps; usually empty.
+        """
+        if epsilon >= 1.0:
+            actions = self._rng.integers(0, self.num_actions, self.num_envs, dtype=np.int32)
+        else:
+            self.key, actions = _act(self.q_fn, params, self.key, self.obs, epsilon)
+            actions = np.asarray(actions)
+        next_obs, reward, terminated, truncated, info = self.env.step(actions)
+        if self.memory is not None:
+            terminal = terminated
+            if self.terminal_on_life_loss:
+                terminal = terminated | info["life_lost"]
+            self.memory.add(actions, reward, next_obs, terminal, self._ended)
+        self._ended = terminated | truncated
+        self.obs = next_obs
+        self.agent_steps += self.num_envs
+        return episode_stats(info)
