@@ -61,7 +61,11 @@ def bench_envs(num_envs, n_steps, repeats):
 
     times = {"raw_env": [], "fdqn_env": [], "rollout": []}
     for _ in range(repeats):
-        for name, fn in (("raw_env", raw_step), ("fdqn_env", wrapped_step), ("rollout", rollout_step)):
+        for name, fn in (
+            ("raw_env", raw_step),
+            ("fdqn_env", wrapped_step),
+            ("rollout", rollout_step),
+        ):
             times[name].append(num_envs * n_steps / time_steps(fn, n_steps))
     raw.close()
     wrapped.close()

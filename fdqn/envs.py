@@ -79,6 +79,24 @@ def list_env_ids() -> list[str]:
     return atari + registered
 
 
+def check_env_id(env_id: str) -> bool:
+    """Raises a one-line ValueError unless :func:`make` accepts ``env_id``; True for Atari."""
+    if parse_atari_id(env_id) is not None:
+        return True
+    if env_id not in gym.registry:
+        raise ValueError(
+            f"unknown env id {env_id!r}: use an Atari game ale-py ships ('breakout', "
+            f"'BreakoutNoFrameskip-v4', 'ALE/Breakout-v5') or a gymnasium id such as "
+            f"'CartPole-v1'; fdqn.envs.list_env_ids() lists them"
+        )
+    probe = gym.make(env_id)
+    space = probe.action_space
+    probe.close()
+    if not isinstance(space, gym.spaces.Discrete):
+        raise ValueError(f"{env_id} has action space {space}; DQN needs a Discrete one")
+    return False
+
+
 def is_atari(env_id: str) -> bool:
     """Whether ``env_id`` names an Atari game ale-py ships."""
     return parse_atari_id(env_id) is not None
@@ -195,17 +213,8 @@ def make(
             use_fire_reset=True,
         )
         return _LearningReward(RecordEpisodeStatistics(_LifeLossInfo(env)), clip=clip_rewards)
-    if env_id not in gym.registry:
-        raise ValueError(
-            f"unknown env id {env_id!r}: use an Atari game ale-py ships ('breakout', "
-            f"'BreakoutNoFrameskip-v4', 'ALE/Breakout-v5') or a gymnasium id such as "
-            f"'CartPole-v1'; fdqn.envs.list_env_ids() lists them"
-        )
+    check_env_id(env_id)
     env = gym.make_vec(env_id, num_envs=int(num_envs), vectorization_mode="sync")
-    if not isinstance(env.single_action_space, gym.spaces.Discrete):
-        space = env.single_action_space
-        env.close()
-        raise ValueError(f"{env_id} has action space {space}; DQN needs a Discrete one")
     return _LearningReward(_NoLives(RecordEpisodeStatistics(env)), clip=False)
 
 
@@ -215,3 +224,102 @@ def episode_stats(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         return np.zeros(0, np.float64), np.zeros(0, np.int64)
     done = np.asarray(info["_episode"])
     return np.asarray(info["episode"]["r"])[done], np.asarray(info["episode"]["l"])[done]
+
+
+# -- saving and restoring environment state (for exact resumption) -------------
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _encode(value: Any) -> Any:
+    """A JSON form of plain state (numbers, arrays, generators), or _Unsupported."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return {"__array__": value.tolist(), "dtype": value.dtype.str, "shape": []}
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return {"__array__": value.tolist(), "dtype": value.dtype.str, "shape": list(value.shape)}
+    if isinstance(value, np.random.Generator):
+        return {"__generator__": value.bit_generator.state}
+    if isinstance(value, (list, tuple)):
+        return {"__seq__": [_encode(v) for v in value], "tuple": isinstance(value, tuple)}
+    raise _Unsupported
+
+
+def _decode(value: Any, current: Any) -> Any:
+    if isinstance(value, dict) and "__array__" in value:
+        array = np.array(value["__array__"], dtype=np.dtype(value["dtype"]))
+        array = array.reshape(value["shape"])
+        return array[()] if not value["shape"] and isinstance(current, np.generic) else array
+    if isinstance(value, dict) and "__generator__" in value:
+        current.bit_generator.state = value["__generator__"]
+        return current
+    if isinstance(value, dict) and "__seq__" in value:
+        saved = value["__seq__"]
+        olds = list(current) if isinstance(current, (list, tuple)) else [None] * len(saved)
+        items = [_decode(v, c) for v, c in zip(saved, olds)]
+        return tuple(items) if value["tuple"] else items
+    return value
+
+
+def _object_state(obj: Any) -> dict[str, Any]:
+    state = {}
+    for name, value in vars(obj).items():
+        if name in ("env", "envs", "metadata", "spec", "render_mode"):
+            continue
+        try:
+            state[name] = _encode(value)
+        except _Unsupported:
+            continue
+    return state
+
+
+def _restore_object(obj: Any, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        if hasattr(obj, name):
+            setattr(obj, name, _decode(value, getattr(obj, name)))
+
+
+def _chain(env: Any) -> list[Any]:
+    """The wrapper chain of an env, outermost first, down to the unwrapped env."""
+    objects = [env]
+    while hasattr(objects[-1], "env") and objects[-1].env is not objects[-1]:
+        objects.append(objects[-1].env)
+    return objects
+
+
+def get_state(env: gym.vector.VectorEnv) -> dict[str, Any] | None:
+    """The state of a gymnasium sync vector env and its wrappers, as JSON-able data.
+
+    Covers environments whose state is plain data (classic control: CartPole,
+    Acrobot, MountainCar, ...). Returns None for Atari, whose emulator state
+    ale-py's vector env does not expose: a resumed Atari run starts new games.
+    """
+    chain = _chain(env)
+    base = chain[-1]
+    if not isinstance(base, gym.vector.SyncVectorEnv):
+        return None
+    return {
+        "vector": [_object_state(obj) for obj in chain],
+        "envs": [[_object_state(obj) for obj in _chain(sub)] for sub in base.envs],
+    }
+
+
+def set_state(env: gym.vector.VectorEnv, state: dict[str, Any]) -> None:
+    """Restores what :func:`get_state` returned into an env made with the same arguments."""
+    chain = _chain(env)
+    base = chain[-1]
+    if not isinstance(base, gym.vector.SyncVectorEnv) or len(state["vector"]) != len(chain):
+        raise ValueError("the saved environment state does not fit this environment")
+    if len(state["envs"]) != len(base.envs):
+        raise ValueError(
+            f"the saved environment state has {len(state['envs'])} environments, "
+            f"this one {len(base.envs)}"
+        )
+    for obj, saved in zip(chain, state["vector"]):
+        _restore_object(obj, saved)
+    for sub, saved_chain in zip(base.envs, state["envs"]):
+        for obj, saved in zip(_chain(sub), saved_chain):
+            _restore_object(obj, saved)

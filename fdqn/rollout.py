@@ -101,3 +101,37 @@ class Rollout:
         self.obs = next_obs
         self.agent_steps += self.num_envs
         return episode_stats(info)
+
+    def state_dict(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The rollout's own state as ``(arrays, plain data)``, for checkpoints."""
+        arrays = {
+            "rollout/key": np.asarray(jax.random.key_data(self.key)),
+            "rollout/obs": np.asarray(self.obs),
+            "rollout/ended": self._ended.copy(),
+        }
+        return arrays, {"agent_steps": self.agent_steps, "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, arrays: dict[str, np.ndarray], data: dict[str, Any]) -> None:
+        """Restores :meth:`state_dict` output (the env must be restored separately)."""
+        obs = arrays["rollout/obs"]
+        if obs.shape != np.shape(self.obs) or obs.dtype != np.asarray(self.obs).dtype:
+            raise ValueError(
+                f"saved observations have shape {obs.shape} {obs.dtype}, this env gives "
+                f"{np.shape(self.obs)} {np.asarray(self.obs).dtype}"
+            )
+        self.key = jax.random.wrap_key_data(arrays["rollout/key"])
+        self.obs = obs
+        self._ended = arrays["rollout/ended"].astype(bool)
+        self.agent_steps = int(data["agent_steps"])
+        self._rng.bit_generator.state = data["rng"]
+
+    def restart(self, seed: int) -> None:
+        """Resets every environment (new games), keeping counters; for envs without saved state.
+
+        The replay memory is told that new episodes begin, so no transition
+        links the old observations to the new ones.
+        """
+        self.obs, _ = self.env.reset(seed=seed)
+        self._ended = np.zeros(self.num_envs, bool)
+        if self.memory is not None:
+            self.memory.start(self.obs)

@@ -1,0 +1,238 @@
+"""The configuration of a training run: one frozen, documented dataclass.
+
+Defaults are the Nature DQN recipe as current JAX practice runs it (CleanRL's
+``dqn_atari_jax.py``) on Breakout, with the Nature CNN, Huber loss and
+gradient clipping. Presets change a few fields at once:
+
+- ``notebook``: the TF notebook fdqn started from, as written (its network,
+  batch 64, RMSProp 1e-3, a 100,000-transition buffer, an update every agent
+  step from the first full batch, a target copy every 10 episodes, its
+  exponential epsilon decay, per-tensor clipping at 1.0, 20 episodes), but
+  with terminal states masked in the target and the loss averaged, which
+  the notebook got wrong.
+- ``cartpole``: CartPole-v1 with an MLP, tuned to solve it in well under
+  50,000 agent steps.
+
+Every field is a command-line flag (``--total-steps``, ``--lr``, ...).
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+from fdqn import envs
+
+NETWORKS = ("nature", "notebook", "mlp")
+SCHEDULES = ("linear", "exponential")
+TARGET_UNITS = ("steps", "episodes")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"--{field.replace('_', '-')}: {message}")
+        self.field = field
+
+
+def _field(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a training run depends on. Steps are agent steps (4 frames on Atari)."""
+
+    env: str = _field("BreakoutNoFrameskip-v4", "environment id (Atari game or gymnasium id)")
+    network: str = _field("nature", f"Q-network: one of {', '.join(NETWORKS)}")
+    hidden: tuple[int, ...] = _field((64, 64), "hidden widths of the mlp network, e.g. 128,128")
+    total_steps: int = _field(10_000_000, "agent steps to train for, over all environments")
+    total_episodes: int = _field(0, "stop after this many finished games as well (0: no limit)")
+    num_envs: int = _field(8, "environments stepped together as one batch")
+    seed: int = _field(1, "seed of environments, initial weights, exploration and replay")
+    optimizer: str = _field("adam", "optimizer: adam or rmsprop")
+    lr: float = _field(1e-4, "learning rate, in (0, 1]")
+    batch_size: int = _field(32, "transitions per gradient update")
+    buffer_size: int = _field(1_000_000, "replay memory capacity, in transitions")
+    learning_starts: int = _field(80_000, "agent steps of experience before the first update")
+    train_every: int = _field(4, "agent steps per gradient update")
+    target_update: int = _field(1_000, "copy the online network to the target every this many")
+    target_update_unit: str = _field("steps", "unit of --target-update: steps or episodes")
+    tau: float = _field(1.0, "target update rate: 1 copies, less is Polyak averaging")
+    gamma: float = _field(0.99, "discount factor, in [0, 1]")
+    double_q: bool = _field(False, "use double Q-learning targets")
+    huber_delta: float = _field(1.0, "Huber loss threshold; 0 for the squared loss")
+    loss_reduction: str = _field("mean", "reduce per-transition losses by mean or sum")
+    clip: str = _field("global", "gradient clipping: global, per_tensor or none")
+    max_grad_norm: float = _field(10.0, "gradient norm bound of --clip")
+    epsilon_schedule: str = _field("linear", "exploration schedule: linear or exponential")
+    epsilon_start: float = _field(1.0, "initial exploration rate")
+    epsilon_end: float = _field(0.01, "final exploration rate")
+    exploration_fraction: float = _field(0.10, "linear: fraction of total steps to decay over")
+    epsilon_decay: int = _field(100_000, "exponential: time constant of the decay, in steps")
+    terminal_on_life_loss: bool = _field(True, "Atari: a lost life is terminal for learning")
+    sticky_actions: float = _field(-1.0, "Atari sticky-action probability; -1 takes it from the id")
+    eval_every: int = _field(250_000, "agent steps between evaluations (0: none)")
+    eval_episodes: int = _field(10, "games per evaluation")
+    eval_epsilon: float = _field(0.05, "exploration rate while evaluating")
+    checkpoint_every: int = _field(250_000, "agent steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = _field(3, "checkpoints kept in the run directory")
+    save_replay: bool = _field(False, "include the replay memory in checkpoints (large)")
+    log_every: int = _field(10_000, "agent steps between log lines when not on a terminal")
+    print_episodes: bool = _field(False, "print a line per finished game")
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "Config":
+        """Checks every field; raises :class:`ConfigError` naming the first bad one."""
+        positive = (
+            "total_steps", "num_envs", "batch_size", "buffer_size", "train_every",
+            "target_update", "eval_episodes", "keep_checkpoints", "log_every", "epsilon_decay",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be a positive integer, got {value!r}")
+        for name in ("total_episodes", "learning_starts", "eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(name, f"must be a non-negative integer, got {value!r}")
+        if not (0.0 < self.lr <= 1.0 and math.isfinite(self.lr)):
+            raise ConfigError("lr", f"must be in (0, 1], got {self.lr}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError("gamma", f"must be in [0, 1], got {self.gamma}")
+        if not 0.0 < self.tau <= 1.0:
+            raise ConfigError("tau", f"must be in (0, 1], got {self.tau}")
+        for name in ("epsilon_start", "epsilon_end", "eval_epsilon"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 < self.exploration_fraction <= 1.0:
+            raise ConfigError(
+                "exploration_fraction", f"must be in (0, 1], got {self.exploration_fraction}"
+            )
+        if self.huber_delta < 0:
+            raise ConfigError("huber_delta", f"must be >= 0, got {self.huber_delta}")
+        if self.max_grad_norm <= 0:
+            raise ConfigError("max_grad_norm", f"must be positive, got {self.max_grad_norm}")
+        if not (self.sticky_actions == -1.0 or 0.0 <= self.sticky_actions <= 1.0):
+            raise ConfigError(
+                "sticky_actions", f"must be -1 or in [0, 1], got {self.sticky_actions}"
+            )
+        choices = {
+            "network": NETWORKS,
+            "optimizer": ("adam", "rmsprop"),
+            "clip": ("global", "per_tensor", "none"),
+            "loss_reduction": ("mean", "sum"),
+            "epsilon_schedule": SCHEDULES,
+            "target_update_unit": TARGET_UNITS,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    name, f"must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
+                )
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ConfigError("hidden", f"must be positive widths, got {self.hidden}")
+        if self.buffer_size < self.num_envs:
+            raise ConfigError(
+                "buffer_size",
+                f"must be at least --num-envs ({self.num_envs}), got {self.buffer_size}",
+            )
+        if self.batch_size > self.buffer_size:
+            raise ConfigError(
+                "batch_size",
+                f"must not exceed --buffer-size ({self.buffer_size}), got {self.batch_size}",
+            )
+        try:
+            atari = envs.check_env_id(self.env)
+        except ValueError as e:
+            raise ConfigError("env", str(e)) from None
+        if atari and self.network == "mlp":
+            raise ConfigError("network", f"{self.env} gives images: use nature or notebook")
+        if not atari and self.network != "mlp":
+            raise ConfigError("network", f"{self.env} gives vectors: use mlp")
+        return self
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "atari": {},
+    "notebook": dict(
+        env="BreakoutNoFrameskip-v4",
+        network="notebook",
+        num_envs=1,
+        total_steps=10_000_000,
+        total_episodes=20,
+        optimizer="rmsprop",
+        lr=1e-3,
+        batch_size=64,
+        buffer_size=100_000,
+        learning_starts=64,
+        train_every=1,
+        target_update=10,
+        target_update_unit="episodes",
+        clip="per_tensor",
+        max_grad_norm=1.0,
+        epsilon_schedule="exponential",
+        epsilon_start=1.0,
+        epsilon_end=0.1,
+        epsilon_decay=100_000,
+        eval_every=0,
+        checkpoint_every=0,
+        print_episodes=True,
+    ),
+    "cartpole": dict(
+        env="CartPole-v1",
+        network="mlp",
+        hidden=(128, 128),
+        num_envs=1,
+        total_steps=50_000,
+        lr=5e-4,
+        batch_size=64,
+        buffer_size=50_000,
+        learning_starts=1_000,
+        train_every=1,
+        target_update=500,
+        clip="global",
+        max_grad_norm=10.0,
+        epsilon_end=0.02,
+        exploration_fraction=0.2,
+        terminal_on_life_loss=False,
+        eval_every=5_000,
+        eval_episodes=10,
+        eval_epsilon=0.0,
+        checkpoint_every=10_000,
+        log_every=2_000,
+    ),
+}
+
+
+def preset(name: str) -> Config:
+    """The configuration of a named preset (``atari`` is the default recipe)."""
+    if name not in PRESETS:
+        raise ConfigError("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
+    return Config(**PRESETS[name])
+
+
+def make_env(config: Config, num_envs: int | None = None, clip_rewards: bool = True):
+    """The vector env a config describes (``num_envs`` overrides the config's)."""
+    kwargs = {}
+    if envs.is_atari(config.env):
+        kwargs = dict(
+            clip_rewards=clip_rewards,
+            repeat_action_probability=None if config.sticky_actions < 0 else config.sticky_actions,
+        )
+    return envs.make(config.env, num_envs or config.num_envs, **kwargs)
+
+
+def make_network(config: Config, env: Any) -> Any:
+    """The Keras Q-network (a ``keras.Model``) for ``env``'s observations and actions."""
+    from fdqn import networks
+
+    num_actions = int(env.single_action_space.n)
+    shape = env.single_observation_space.shape
+    if config.network == "nature":
+        return networks.nature_cnn(num_actions, shape)
+    if config.network == "notebook":
+        return networks.notebook_cnn(num_actions, shape)
+    return networks.mlp(num_actions, obs_dim=int(shape[0]), hidden=config.hidden)

@@ -1,0 +1,131 @@
+"""Evaluating a Q-network: play whole games with a small epsilon, report true scores.
+
+    python -m fdqn.evaluate RUN_DIR [--episodes 30] [--epsilon 0.05] [--seed 0]
+
+loads the run's config and newest checkpoint and prints mean, median, spread
+of the unclipped game scores, then one JSON object on its last line.
+Evaluation uses environments of its own, so it never disturbs training.
+"""
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fdqn import checkpoint
+from fdqn.config import Config, make_env, make_network
+from fdqn.networks import pure_q_fn
+from fdqn.rollout import Rollout
+
+
+def evaluate(
+    q_fn: Callable,
+    params: Any,
+    config: Config,
+    episodes: int,
+    epsilon: float,
+    seed: int,
+    max_agent_steps: int = 5_000_000,
+) -> np.ndarray:
+    """True scores of ``episodes`` games played by the epsilon-greedy policy.
+
+    Up to 8 environments play at once; games are counted in the order they
+    finish, and the first ``episodes`` are returned.
+
+    Args:
+      q_fn, params: the network.
+      config: the run's config (environment and its options).
+      episodes: number of games; positive.
+      epsilon: exploration rate (0.05 for Atari, as in Mnih et al. 2015).
+      seed: seeds the environments and the exploration.
+      max_agent_steps: give up (RuntimeError) after this many agent steps.
+    """
+    if episodes < 1:
+        raise ValueError(f"episodes must be positive, got {episodes}")
+    env = make_env(config, num_envs=min(episodes, 8))
+    try:
+        rollout = Rollout(env, q_fn, None, seed=seed)
+        scores: list[float] = []
+        while len(scores) < episodes:
+            finished, _ = rollout.step(params, epsilon)
+            scores.extend(float(s) for s in finished)
+            if rollout.agent_steps > max_agent_steps:
+                raise RuntimeError(
+                    f"evaluation finished {len(scores)} of {episodes} games "
+                    f"in {max_agent_steps:,} agent steps"
+                )
+    finally:
+        env.close()
+    return np.array(scores[:episodes])
+
+
+def load_run(run_dir: str) -> tuple[Config, Callable, Any, int]:
+    """Config, q_fn, parameters and step of a run directory's newest checkpoint."""
+    from fdqn.train import load_config
+
+    config = load_config(run_dir)
+    path = checkpoint.latest_checkpoint(run_dir)
+    if path is None:
+        raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint")
+    arrays, meta = checkpoint.load(path)
+    env = make_env(config, num_envs=1)
+    q_fn, template = pure_q_fn(make_network(config, env))
+    env.close()
+    params = checkpoint.arrays_to_tree("params", arrays, template)
+    return config, q_fn, params, int(meta["step"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fdqn.evaluate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("run_dir", help="a run directory written by python -m fdqn.train")
+    parser.add_argument("--episodes", type=int, default=30, help="games to play (default 30)")
+    parser.add_argument(
+        "--epsilon", type=float, default=None, help="exploration rate (default: the run's)"
+    )
+    parser.add_argument("--seed", type=int, default=12345, help="seed (default 12345)")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.run_dir):
+        print(f"fdqn.evaluate: error: {args.run_dir} is not a directory", file=sys.stderr)
+        return 2
+    if args.episodes < 1:
+        print("fdqn.evaluate: error: --episodes must be a positive integer", file=sys.stderr)
+        return 2
+    try:
+        config, q_fn, params, step = load_run(args.run_dir)
+    except (ValueError, OSError) as e:
+        print(f"fdqn.evaluate: error: {e}", file=sys.stderr)
+        return 2
+    epsilon = config.eval_epsilon if args.epsilon is None else args.epsilon
+    if not 0.0 <= epsilon <= 1.0:
+        print("fdqn.evaluate: error: --epsilon must be in [0, 1]", file=sys.stderr)
+        return 2
+    scores = evaluate(q_fn, params, config, args.episodes, epsilon, args.seed)
+    summary = {
+        "run_dir": args.run_dir,
+        "step": step,
+        "env": config.env,
+        "epsilon": epsilon,
+        "episodes": len(scores),
+        "mean": float(scores.mean()),
+        "median": float(np.median(scores)),
+        "std": float(scores.std()),
+        "min": float(scores.min()),
+        "max": float(scores.max()),
+    }
+    print(
+        f"{config.env} at step {step:,}: mean {summary['mean']:.2f}, median "
+        f"{summary['median']:.2f}, std {summary['std']:.2f}, min {summary['min']:.0f}, "
+        f"max {summary['max']:.0f} over {len(scores)} games (epsilon {epsilon})"
+    )
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""What a training run shows and writes: progress, metrics CSV, TensorBoard, plot.
+
+- On a terminal, one progress line redrawn in place: steps done / total,
+  agent steps per second, ETA, mean score of the last 100 games, epsilon,
+  loss. Elsewhere (CI, a pipe), a plain log line every ``log_every`` steps.
+- ``metrics.csv``: a row per finished game (true score and length) with the
+  learner's latest figures; ``eval.csv``: a row per evaluation.
+- TensorBoard event files in ``tb/`` when ``tensorboardX`` is installed.
+- ``learning_curve.png`` (matplotlib, when installed): scores against agent
+  steps, smoothed, with evaluation results.
+"""
+
+import collections
+import csv
+import os
+import sys
+import time
+from typing import Any, TextIO
+
+import numpy as np
+
+EPISODE_FIELDS = [
+    "step", "episode", "score", "length", "epsilon", "loss", "q_taken", "grad_norm",
+    "steps_per_second", "wall_time",
+]  # fmt: skip
+EVAL_FIELDS = ["step", "episodes", "mean", "median", "std", "min", "max"]
+
+
+def _format_duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Reporter:
+    """Writes a run's metrics and shows its progress.
+
+    Args:
+      run_dir: where ``metrics.csv``, ``eval.csv`` and ``tb/`` go.
+      total_steps: the run's agent step budget, for the progress bar and ETA.
+      log_every: agent steps between plain log lines (without a terminal).
+      stream: where progress goes (stderr by default).
+      start_step: agent steps already done (when resuming).
+    """
+
+    def __init__(
+        self,
+        run_dir: str,
+        total_steps: int,
+        log_every: int,
+        stream: TextIO | None = None,
+        start_step: int = 0,
+    ):
+        self.run_dir = run_dir
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.scores: collections.deque = collections.deque(maxlen=100)
+        self.learner: dict[str, float] = {}
+        self._start_time = time.perf_counter()
+        self._start_step = start_step
+        self._rate_mark = (self._start_time, start_step)
+        self._rate = 0.0
+        self._last_draw = 0.0
+        self._next_log = (start_step // log_every + 1) * log_every
+        self._episodes = _CsvAppender(os.path.join(run_dir, "metrics.csv"), EPISODE_FIELDS)
+        self._evals = _CsvAppender(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS)
+        self._tb = _tensorboard(os.path.join(run_dir, "tb"))
+
+    def steps_per_second(self, step: int) -> float:
+        now = time.perf_counter()
+        then, then_step = self._rate_mark
+        if now - then >= 2.0:
+            self._rate = (step - then_step) / (now - then)
+            self._rate_mark = (now, step)
+        elif self._rate == 0.0 and now > self._start_time and step > self._start_step:
+            self._rate = (step - self._start_step) / (now - self._start_time)
+        return self._rate
+
+    def episode(self, step: int, episode: int, score: float, length: int, epsilon: float) -> None:
+        self.scores.append(score)
+        row = {
+            "step": step,
+            "episode": episode,
+            "score": score,
+            "length": length,
+            "epsilon": round(float(epsilon), 6),
+            "steps_per_second": round(self.steps_per_second(step), 1),
+            "wall_time": round(time.perf_counter() - self._start_time, 2),
+            **{k: self.learner.get(k, "") for k in ("loss", "q_taken", "grad_norm")},
+        }
+        self._episodes.write(row)
+        if self._tb:
+            self._tb.add_scalar("episode/score", score, step)
+            self._tb.add_scalar("episode/length", length, step)
+
+    def evaluation(self, step: int, scores: np.ndarray) -> dict[str, float]:
+        summary = {
+            "step": step,
+            "episodes": len(scores),
+            "mean": float(np.mean(scores)),
+            "median": float(np.median(scores)),
+            "std": float(np.std(scores)),
+            "min": float(np.min(scores)),
+            "max": float(np.max(scores)),
+        }
+        self._evals.write(summary)
+        if self._tb:
+            self._tb.add_scalar("eval/mean", summary["mean"], step)
+        self.message(
+            f"eval at step {step:,}: mean {summary['mean']:.1f}, median {summary['median']:.1f}, "
+            f"std {summary['std']:.1f} over {len(scores)} games"
+        )
+        return summary
+
+    def progress(self, step: int, epsilon: float, learner: dict[str, float] | None = None) -> None:
+        """Redraws the progress line (terminal) or logs a line every ``log_every`` steps."""
+        if learner:
+            self.learner = learner
+            if self._tb:
+                for k, v in learner.items():
+                    self._tb.add_scalar(f"train/{k}", v, step)
+        if self.tty:
+            now = time.perf_counter()
+            if now - self._last_draw >= 0.5 or step >= self.total_steps:
+                self._last_draw = now
+                self.stream.write("\r" + self._line(step, epsilon, bar=True) + "\x1b[K")
+                self.stream.flush()
+        elif step >= self._next_log:
+            self._next_log = (step // self.log_every + 1) * self.log_every
+            self.stream.write(self._line(step, epsilon, bar=False) + "\n")
+            self.stream.flush()
+
+    def due_for_log(self, step: int) -> bool:
+        """Whether the next :meth:`progress` call will show anything (fetch metrics then)."""
+        return self.tty or step >= self._next_log
+
+    def _line(self, step: int, epsilon: float, bar: bool) -> str:
+        rate = self.steps_per_second(step)
+        eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+        mean = f"{np.mean(self.scores):.1f}" if self.scores else "-"
+        loss = self.learner.get("loss")
+        loss_text = f"{loss:.4g}" if loss is not None else "-"
+        done = min(1.0, step / self.total_steps)
+        head = f"[{'#' * int(20 * done):<20}] " if bar else ""
+        return (
+            f"{head}{step:,}/{self.total_steps:,} steps | {rate:,.0f} steps/s | "
+            f"ETA {_format_duration(eta)} | score(100) {mean} | eps {epsilon:.3f} | "
+            f"loss {loss_text}"
+        )
+
+    def message(self, text: str) -> None:
+        """Prints a line without breaking the progress bar."""
+        prefix = "\r\x1b[K" if self.tty else ""
+        self.stream.write(prefix + text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+        self._episodes.close()
+        self._evals.close()
+        if self._tb:
+            self._tb.close()
+
+
+class _CsvAppender:
+    def __init__(self, path: str, fields: list[str]):
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self._file = open(path, "a", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=fields)
+        if new:
+            self._writer.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._writer.writerow(row)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _tensorboard(path: str) -> Any:
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(path)
+
+
+def truncate_csv(path: str, max_step: int) -> None:
+    """Drops rows logged after ``max_step`` (when a run resumes from an earlier checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= max_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)
+
+
+def read_csv(path: str) -> dict[str, np.ndarray]:
+    """Numeric columns of a metrics file, as arrays (empty where the file has no rows)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    return {
+        k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows])
+        for k in rows[0]
+    }
+
+
+def plot_learning_curve(run_dir: str, title: str, smooth: int = 20) -> str | None:
+    """Writes ``learning_curve.png``: scores against agent steps; None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    episodes = read_csv(os.path.join(run_dir, "metrics.csv"))
+    evals = read_csv(os.path.join(run_dir, "eval.csv"))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    if episodes:
+        steps, scores = episodes["step"], episodes["score"]
+        ax.plot(steps, scores, ".", color="0.75", markersize=3, label="game score")
+        if len(scores) >= 2:
+            k = min(smooth, len(scores))
+            smoothed = np.convolve(scores, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1 :], smoothed, color="C0", label=f"mean of last {k} games")
+    if evals:
+        ax.errorbar(evals["step"], evals["mean"], yerr=evals["std"], fmt="o-", color="C3",
+                    label="evaluation (mean, std)")  # fmt: skip
+    ax.set_xlabel("agent steps")
+    ax.set_ylabel("score (unclipped, whole game)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    path = os.path.join(run_dir, "learning_curve.png")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
