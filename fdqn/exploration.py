@@ -11,7 +11,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 Schedule = Callable[[chex.Numeric], chex.Numeric]
 
@@ -62,11 +62,17 @@ def select_actions(
     return epsilon_greedy(key, q_fn(params, obs), epsilon)
 
 
+def _xp(step: Any) -> Any:
+    """jax.numpy for traced steps, numpy otherwise: host-side calls never touch the device."""
+    return jnp if isinstance(step, jax.core.Tracer) else np
+
+
 def linear_epsilon(start: float, end: float, duration: int, begin: int = 0) -> Schedule:
     """Epsilon going linearly from ``start`` to ``end`` over ``duration`` steps, then constant.
 
     The schedule of Mnih et al. (2015) (1.0 to 0.1 over 1M frames) and of
-    CleanRL's DQN (1.0 to 0.01 over 10% of the run).
+    CleanRL's DQN (1.0 to 0.01 over 10% of the run). Works on Python numbers
+    (computed on the host, no device round trip) and on traced JAX steps.
 
     Args:
       start: epsilon at step ``begin`` and before.
@@ -77,7 +83,13 @@ def linear_epsilon(start: float, end: float, duration: int, begin: int = 0) -> S
     _check_epsilons(start, end)
     if duration < 1:
         raise ValueError(f"duration must be a positive number of steps, got {duration}")
-    return optax.linear_schedule(start, end, transition_steps=duration, transition_begin=begin)
+
+    def schedule(step: chex.Numeric) -> chex.Numeric:
+        xp = _xp(step)
+        fraction = xp.clip((step - begin) / duration, 0.0, 1.0)
+        return start + fraction * (end - start)
+
+    return schedule
 
 
 def exponential_epsilon(start: float = 1.0, end: float = 0.1, decay: float = 100_000) -> Schedule:
@@ -96,7 +108,8 @@ def exponential_epsilon(start: float = 1.0, end: float = 0.1, decay: float = 100
         raise ValueError(f"decay must be a positive number of steps, got {decay}")
 
     def schedule(step: chex.Numeric) -> chex.Numeric:
-        return end + (start - end) * jnp.exp(-jnp.asarray(step, jnp.float32) / decay)
+        xp = _xp(step)
+        return end + (start - end) * xp.exp(-step / decay)
 
     return schedule
 

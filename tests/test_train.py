@@ -1,0 +1,275 @@
+"""The training program end to end, with tiny budgets."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from fdqn import checkpoint, train
+from fdqn.config import Config, ConfigError, preset
+from fdqn.evaluate import evaluate, load_run
+
+CARTPOLE_TINY = dict(
+    total_steps=600,
+    learning_starts=100,
+    buffer_size=1_000,
+    eval_every=300,
+    eval_episodes=2,
+    checkpoint_every=300,
+    log_every=200,
+)
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    return subprocess.run(
+        [sys.executable, "-m", "fdqn.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
+    )
+
+
+def test_help_lists_every_field_with_default():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for name in Config.__dataclass_fields__:
+        assert "--" + name.replace("_", "-") in text
+    assert "(default: 10000000)" in text and "(default: 0.0001)" in text
+
+
+def test_unknown_flag_from_the_shell(tmp_path):
+    result = run_cli("--no-such-flag", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "fdqn.train: error: unrecognized arguments: --no-such-flag (see --help)"
+    ]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-size", "0"], "--batch-size: must be a positive integer, got 0"),
+        (["--buffer-size", "-5"], "--buffer-size: must be a positive integer, got -5"),
+        (["--lr", "3"], "--lr: must be in (0, 1], got 3.0"),
+        (["--lr", "abc"], "argument --lr: invalid float value"),
+        (["--hidden", "64,x"], "argument --hidden: expected widths like 64,64"),
+        (["--env", "Breakot-v4"], "--env: unknown env id 'Breakot-v4'"),
+        (["--batch-size", "64", "--buffer-size", "32"], "--batch-size: must not exceed"),
+        (["--preset", "cartpole", "--network", "nature"], "--network: CartPole-v1 gives vectors"),
+        (["--gamma", "1.5"], "--gamma: must be in [0, 1]"),
+        (["--preset", "nope"], "argument --preset: invalid choice"),
+        (["--resume", "/nonexistent/run"], "has no config.json"),
+    ],
+)
+def test_bad_input_one_line_exit_2_and_nothing_written(
+    tmp_path, monkeypatch, capsys, args, message
+):
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    extra = [] if "--resume" in args else ["--run-dir", str(run_dir)]
+    try:
+        code = train.main([*args, *extra])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert message in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_run_dir_is_not_touched(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("keep me")
+    result = run_cli("--preset", "cartpole", "--run-dir", str(run_dir))
+    assert result.returncode == 2
+    assert "is not empty" in result.stderr
+    assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
+
+
+def test_cartpole_smoke_writes_everything(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in CARTPOLE_TINY.items()]
+    result = run_cli("--preset", "cartpole", "--run-dir", str(run_dir), *args)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["status"] == "finished" and summary["agent_steps"] == 600
+    assert summary["updates"] == 501  # one per agent step from step 100 on
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "metrics.csv", "eval.csv", "checkpoints", "summary.json"} <= names
+    assert "learning_curve.png" in names and "tb" in names
+    assert "steps/s" in result.stderr  # plain progress lines without a terminal
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["env"] == "CartPole-v1" and config["total_steps"] == 600
+    assert len(checkpoint.list_checkpoints(str(run_dir))) == 2  # at 300 and 600
+    evals = (run_dir / "eval.csv").read_text().strip().splitlines()
+    assert len(evals) == 3  # header + 2 evaluations
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fdqn.evaluate", str(run_dir), "--episodes", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["episodes"] == 3 and report["step"] == 600
+
+
+def test_breakout_smoke(tmp_path):
+    run_dir = tmp_path / "run"
+    result = run_cli(
+        "--run-dir", str(run_dir), "--total-steps", "256", "--num-envs", "4",
+        "--learning-starts", "128", "--buffer-size", "2000", "--eval-every", "0",
+        "--checkpoint-every", "0", "--save-replay",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["agent_steps"] == 256
+    assert summary["updates"] == (256 - 128) // 4 + 1
+    ckpt = checkpoint.latest_checkpoint(str(run_dir))
+    assert os.path.exists(os.path.join(ckpt, "replay.npz"))
+
+
+def test_notebook_preset_prints_its_episode_lines(tmp_path):
+    result = run_cli(
+        "--preset", "notebook", "--run-dir", str(tmp_path / "run"), "--total-episodes", "1",
+        "--learning-starts", "200",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Episode 0 ")]
+    assert len(lines) == 1 and "achieved score" in lines[0] and "training steps" in lines[0]
+
+
+def tiny_cartpole(**changes):
+    return preset("cartpole").replace(**{**CARTPOLE_TINY, **changes}).validate()
+
+
+def test_resume_gives_the_same_parameters_as_straight_through(tmp_path):
+    config = tiny_cartpole(total_steps=800, checkpoint_every=0, eval_every=0, save_replay=True)
+    os.makedirs(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    straight = train.train(config, str(tmp_path / "a"), stream=open(os.devnull, "w"))
+    first = train.train(config, str(tmp_path / "b"), stream=open(os.devnull, "w"), stop_at=350)
+    assert first["agent_steps"] == 350
+    resumed = train.train(config, str(tmp_path / "b"), resume=True, stream=open(os.devnull, "w"))
+    assert resumed["agent_steps"] == 800 and resumed["updates"] == straight["updates"]
+    for a, b in zip(jax.tree.leaves(straight["state"].params), resumed["state"].params):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(
+        jax.tree.leaves(straight["state"].opt_state), jax.tree.leaves(resumed["state"].opt_state)
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_resume_cli_continues_and_rejects_other_flags(tmp_path):
+    run_dir = str(tmp_path / "run")
+    args = ["--preset", "cartpole", "--run-dir", run_dir, "--total-steps", "300",
+            "--learning-starts", "100", "--eval-every", "0", "--checkpoint-every", "0"]  # fmt: skip
+    assert run_cli(*args).returncode == 0
+    result = run_cli("--resume", run_dir, "--lr", "0.1")
+    assert result.returncode == 2 and "drop --lr" in result.stderr
+    result = run_cli("--resume", run_dir, "--total-steps", "500")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["agent_steps"] == 500
+
+
+def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = tiny_cartpole(total_steps=200, checkpoint_every=0, eval_every=0)
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config.__dict__ | {"hidden": list(config.hidden)}, f)
+    train.train(config, run_dir, stream=open(os.devnull, "w"))
+    path = checkpoint.latest_checkpoint(run_dir)
+    arrays = os.path.join(path, "arrays.npz")
+    with open(arrays, "wb") as f:
+        f.write(b"garbage")
+    result = run_cli("--resume", run_dir, "--total-steps", "400")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 2  # the run line, then the error
+    assert "cannot be read" in result.stderr
+    assert open(arrays, "rb").read() == b"garbage"
+    assert checkpoint.list_checkpoints(run_dir) == [path]
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    run_dir = str(tmp_path / "run")
+    config = tiny_cartpole(total_steps=200, checkpoint_every=0, eval_every=0)
+    os.makedirs(run_dir)
+    train.train(config, run_dir, stream=open(os.devnull, "w"))
+    other = config.replace(hidden=(32,))
+    with pytest.raises(checkpoint.CheckpointError, match="this run expects"):
+        train.train(other, run_dir, resume=True, stream=open(os.devnull, "w"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    config = tiny_cartpole(total_steps=900, checkpoint_every=300, eval_every=0)
+    os.makedirs(run_dir)
+    real_update = train.update
+    calls = []
+
+    def diverging_update(state, batch, **kwargs):
+        state, metrics = real_update(state, batch, **kwargs)
+        calls.append(1)
+        if len(calls) > 300:  # after the checkpoint at step 300
+            metrics = dict(metrics, loss=metrics["loss"] * np.nan)
+        return state, metrics
+
+    monkeypatch.setattr(train, "update", diverging_update)
+    with pytest.raises(train.NonFiniteLoss, match="the loss became nan"):
+        train.train(config, run_dir, stream=open(os.devnull, "w"))
+    names = [os.path.basename(p) for p in checkpoint.list_checkpoints(run_dir)]
+    assert names == ["step-000000000300"]
+
+
+def test_sigint_writes_a_loadable_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fdqn.train", "--preset", "cartpole", "--run-dir", str(run_dir),
+         "--total-steps", "1000000", "--checkpoint-every", "0", "--eval-every", "0",
+         "--learning-starts", "200"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    metrics = run_dir / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size < 2000):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at agent step" in err and "--resume" in err
+    config, q_fn, params, step = load_run(str(run_dir))
+    assert step > 0
+    scores = evaluate(q_fn, params, config, 2, 0.0, seed=0)
+    assert len(scores) == 2
+
+
+def test_short_cartpole_run_clearly_beats_random(tmp_path):
+    config = preset("cartpole").replace(
+        total_steps=12_000, eval_every=0, checkpoint_every=0, seed=3
+    )
+    os.makedirs(tmp_path / "run")
+    summary = train.train(config, str(tmp_path / "run"), stream=open(os.devnull, "w"))
+    state = summary["state"]
+    trained = evaluate(state.q_fn, state.params, config, 10, 0.0, seed=99)
+    random = evaluate(state.q_fn, state.params, config, 10, 1.0, seed=99)
+    assert trained.mean() > 100 and trained.mean() > 4 * random.mean(), (trained, random)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="--num-envs: must be a positive integer") as e:
+        Config(num_envs=0).validate()
+    assert e.value.field == "num_envs"
+    with pytest.raises(ConfigError, match="--preset: must be one of"):
+        preset("nope")
