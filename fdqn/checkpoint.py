@@ -100,9 +100,13 @@ def save(
             writer(os.path.join(tmp, name))
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"format": FORMAT, "step": step, **meta}, f)
+        old = None
         if os.path.exists(final):  # same step saved twice (e.g. SIGINT right after a save)
-            shutil.rmtree(final)
+            old = tmp + "-old"
+            os.rename(final, old)
         os.rename(tmp, final)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -242,9 +242,8 @@ def train(
         "checkpoint": checkpoint.latest_checkpoint(run_dir),
         "state": run.state,
     }
+    summary["learning_curve"] = reporting.plot_learning_curve(run_dir, f"fdqn DQN on {config.env}")
     if status == "finished":
-        plot = reporting.plot_learning_curve(run_dir, f"fdqn DQN on {config.env}")
-        summary["learning_curve"] = plot
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "state"}, f, indent=2)
     return summary
