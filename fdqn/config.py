@@ -17,7 +17,9 @@ Every field is a command-line flag (``--total-steps``, ``--lr``, ...).
 """
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any
 
 from fdqn import envs
@@ -238,3 +240,17 @@ def make_network(config: Config, env: Any) -> Any:
     if config.network == "notebook":
         return networks.notebook_cnn(num_actions, shape)
     return networks.mlp(num_actions, obs_dim=int(shape[0]), hidden=config.hidden)
+
+
+def load_config(run_dir: str) -> Config:
+    """The validated config saved in a run directory's ``config.json``."""
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        data["hidden"] = tuple(data["hidden"])
+        return Config(**data).validate()
+    except FileNotFoundError:
+        raise ValueError(f"{run_dir} has no config.json: is it an fdqn run directory?") from None
+    except (TypeError, json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{path} is not a valid fdqn config ({e})") from None

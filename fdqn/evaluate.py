@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fdqn import checkpoint
-from fdqn.config import Config, make_env, make_network
+from fdqn.config import Config, load_config, make_env, make_network
 from fdqn.networks import pure_q_fn
 from fdqn.rollout import Rollout
 
@@ -65,8 +65,6 @@ def evaluate(
 
 def load_run(run_dir: str) -> tuple[Config, Callable, Any, int]:
     """Config, q_fn, parameters and step of a run directory's newest checkpoint."""
-    from fdqn.train import load_config
-
     config = load_config(run_dir)
     path = checkpoint.latest_checkpoint(run_dir)
     if path is None:

@@ -31,7 +31,15 @@ import keras
 import numpy as np
 
 from fdqn import checkpoint, envs, reporting
-from fdqn.config import PRESETS, Config, ConfigError, make_env, make_network, preset
+from fdqn.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    load_config,
+    make_env,
+    make_network,
+    preset,
+)
 from fdqn.evaluate import evaluate
 from fdqn.exploration import exponential_epsilon, linear_epsilon
 from fdqn.learner import TrainState, create_train_state, make_optimizer, sync_target, update
@@ -387,19 +395,6 @@ def make_parser() -> argparse.ArgumentParser:
             help=f"{help_text} (default: {shown})",
         )
     return parser
-
-
-def load_config(run_dir: str) -> Config:
-    path = os.path.join(run_dir, "config.json")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        data["hidden"] = tuple(data["hidden"])
-        return Config(**data).validate()
-    except FileNotFoundError:
-        raise ValueError(f"{run_dir} has no config.json: is it an fdqn run directory?") from None
-    except (TypeError, json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path} is not a valid fdqn config ({e})") from None
 
 
 def _default_run_dir(preset_name: str, config: Config) -> str:
