@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from fdqn import checkpoint
+from fdqn import checkpoint, envs
 from fdqn.config import Config, load_config, make_env, make_network
 from fdqn.networks import pure_q_fn
 from fdqn.rollout import Rollout
@@ -30,6 +30,7 @@ def evaluate(
     epsilon: float,
     seed: int,
     max_agent_steps: int = 5_000_000,
+    frames: list | None = None,
 ) -> np.ndarray:
     """True scores of ``episodes`` games played by the epsilon-greedy policy.
 
@@ -43,6 +44,8 @@ def evaluate(
       epsilon: exploration rate (0.05 for Atari, as in Mnih et al. 2015).
       seed: seeds the environments and the exploration.
       max_agent_steps: give up (RuntimeError) after this many agent steps.
+      frames: if a list, the newest frame of environment 0's observation is
+        appended to it at every step of its first game (pixel envs only).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be positive, got {episodes}")
@@ -50,8 +53,12 @@ def evaluate(
     try:
         rollout = Rollout(env, q_fn, None, seed=seed)
         scores: list[float] = []
+        recording = frames is not None
         while len(scores) < episodes:
+            if recording:
+                frames.append(np.asarray(rollout.obs[0, -1]))
             finished, _ = rollout.step(params, epsilon)
+            recording = recording and not rollout.ended[0]
             scores.extend(float(s) for s in finished)
             if rollout.agent_steps > max_agent_steps:
                 raise RuntimeError(
@@ -61,6 +68,14 @@ def evaluate(
     finally:
         env.close()
     return np.array(scores[:episodes])
+
+
+def save_gif(frames: list, path: str, fps: int = 15) -> None:
+    """Writes 84x84 grayscale frames as an animated GIF, scaled up 3x (needs Pillow)."""
+    from PIL import Image
+
+    images = [Image.fromarray(f).resize((f.shape[1] * 3, f.shape[0] * 3)) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
 
 
 def load_run(run_dir: str) -> tuple[Config, Callable, Any, int]:
@@ -87,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         "--epsilon", type=float, default=None, help="exploration rate (default: the run's)"
     )
     parser.add_argument("--seed", type=int, default=12345, help="seed (default 12345)")
+    parser.add_argument("--gif", default=None, help="save the first game as a GIF (Atari only)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.run_dir):
         print(f"fdqn.evaluate: error: {args.run_dir} is not a directory", file=sys.stderr)
@@ -103,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.0 <= epsilon <= 1.0:
         print("fdqn.evaluate: error: --epsilon must be in [0, 1]", file=sys.stderr)
         return 2
-    scores = evaluate(q_fn, params, config, args.episodes, epsilon, args.seed)
+    if args.gif and not envs.is_atari(config.env):
+        print(f"fdqn.evaluate: error: --gif needs an Atari run, not {config.env}", file=sys.stderr)
+        return 2
+    frames = [] if args.gif else None
+    scores = evaluate(q_fn, params, config, args.episodes, epsilon, args.seed, frames=frames)
+    if args.gif:
+        save_gif(frames, args.gif)
     summary = {
         "run_dir": args.run_dir,
         "step": step,

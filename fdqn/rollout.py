@@ -75,6 +75,11 @@ class Rollout:
         if memory is not None:
             memory.start(self.obs)
 
+    @property
+    def ended(self) -> np.ndarray:
+        """Which environments ended a game on the last step (the next step resets them)."""
+        return self._ended.copy()
+
     def step(self, params: Any, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
         """Acts in every environment once and records the transitions.
 

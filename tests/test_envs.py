@@ -177,7 +177,7 @@ def test_atari_through_rollout_and_replay_matches_env_observations():
                 seen.add((obs[e].tobytes(), rollout.obs[e].tobytes()))
                 count += 1
         obs = rollout.obs
-        ended = rollout._ended.copy()
+        ended = rollout.ended
     assert len(memory) == count > 780  # a few steps only reset an env
     assert count < 800
     batch = memory.sample(len(memory))

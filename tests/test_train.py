@@ -117,6 +117,12 @@ def test_cartpole_smoke_writes_everything(tmp_path):
     assert len(evals) == 3  # header + 2 evaluations
 
     result = subprocess.run(
+        [sys.executable, "-m", "fdqn.evaluate", str(run_dir), "--episodes", "3", "--gif", "x.gif"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "--gif needs an Atari run" in result.stderr
+    result = subprocess.run(
         [sys.executable, "-m", "fdqn.evaluate", str(run_dir), "--episodes", "3"],
         capture_output=True,
         text=True,
@@ -139,6 +145,14 @@ def test_breakout_smoke(tmp_path):
     assert summary["updates"] == (256 - 128) // 4 + 1
     ckpt = checkpoint.latest_checkpoint(str(run_dir))
     assert os.path.exists(os.path.join(ckpt, "replay.npz"))
+    gif = tmp_path / "game.gif"
+    result = subprocess.run(
+        [sys.executable, "-m", "fdqn.evaluate", str(run_dir), "--episodes", "1", "--gif", str(gif)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert gif.read_bytes()[:6] == b"GIF89a"
 
 
 def test_notebook_preset_prints_its_episode_lines(tmp_path):
