@@ -137,7 +137,9 @@ class Reporter:
 
     def due_for_log(self, step: int) -> bool:
         """Whether the next :meth:`progress` call will show anything (fetch metrics then)."""
-        return self.tty or step >= self._next_log
+        if self.tty:
+            return time.perf_counter() - self._last_draw >= 0.5 or step >= self.total_steps
+        return step >= self._next_log
 
     def _line(self, step: int, epsilon: float, bar: bool) -> str:
         rate = self.steps_per_second(step)

@@ -266,7 +266,6 @@ def _loop(run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: l
         reduction=config.loss_reduction,
     )
     metrics = None
-    learner: dict[str, float] = {}
     while rollout.agent_steps < limit and not (
         config.total_episodes and counters.episodes >= config.total_episodes
     ):
@@ -295,8 +294,7 @@ def _loop(run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: l
                 counters.target_syncs = step // config.target_update
 
         if len(scores) and metrics is not None:
-            learner = _fetch(metrics, step)
-            reporter.learner = learner
+            reporter.learner = _fetch(metrics, step)
         for score, length in zip(scores, lengths):
             counters.episodes += 1
             reporter.episode(step, counters.episodes, float(score), int(length), epsilon)
@@ -313,8 +311,7 @@ def _loop(run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: l
                 counters.target_syncs += 1
 
         if metrics is not None and reporter.due_for_log(step):
-            learner = _fetch(metrics, step)
-            reporter.progress(step, epsilon, learner)
+            reporter.progress(step, epsilon, _fetch(metrics, step))
         else:
             reporter.progress(step, epsilon)
 
