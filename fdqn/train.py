@@ -71,6 +71,7 @@ class Counters:
 
     episodes: int = 0
     updates: int = 0
+    updates_skipped: int = 0  # owed while a resumed run refilled its replay memory
     target_syncs: int = 0
     evaluations: int = 0
     checkpoints: int = 0
@@ -83,6 +84,7 @@ class Run:
     memory: ReplayMemory
     rollout: Rollout
     counters: Counters
+    refill_until: int = 0  # no updates before this agent step (resumed without replay)
 
 
 def build(config: Config) -> Run:
@@ -168,13 +170,20 @@ def restore_checkpoint(run: Run, path: str) -> list[str]:
             raise checkpoint.CheckpointError(f"{replay_path} does not fit this run's replay memory")
         run.memory = memory
         run.rollout.memory = memory
+        replay_restored = True
     else:
-        notes.append("replay memory not saved: it refills from new experience")
+        replay_restored = False
     try:
         run.rollout.load_state_dict(arrays, meta["rollout"])
     except (KeyError, ValueError) as e:
         raise checkpoint.CheckpointError(f"{path}: rollout state does not fit ({e})") from None
-    if meta.get("env_state") is not None and meta.get("has_replay"):
+    if not replay_restored:
+        run.refill_until = run.rollout.agent_steps + run.config.learning_starts
+        notes.append(
+            f"replay memory not saved: it refills until agent step {run.refill_until:,} "
+            f"before updates resume"
+        )
+    if meta.get("env_state") is not None and replay_restored:
         envs.set_state(run.rollout.env, meta["env_state"])
     else:
         # Without the replay memory or the emulator's state the old episodes
@@ -282,7 +291,9 @@ def _loop(run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: l
 
         if step >= config.learning_starts and len(memory) >= config.batch_size:
             due = (step - config.learning_starts) // config.train_every + 1
-            while counters.updates < due:
+            if step < run.refill_until:
+                counters.updates_skipped = due - counters.updates
+            while counters.updates + counters.updates_skipped < due:
                 run.state, metrics = update(
                     run.state, memory.sample(config.batch_size), **loss_kwargs
                 )

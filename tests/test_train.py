@@ -1,5 +1,6 @@
 """The training program end to end, with tiny budgets."""
 
+import io
 import json
 import os
 import signal
@@ -184,6 +185,20 @@ def test_resume_gives_the_same_parameters_as_straight_through(tmp_path):
         jax.tree.leaves(straight["state"].opt_state), jax.tree.leaves(resumed["state"].opt_state)
     ):
         np.testing.assert_array_equal(a, b)
+
+
+def test_resume_without_replay_refills_before_updating(tmp_path):
+    config = tiny_cartpole(total_steps=600, checkpoint_every=0, eval_every=0, save_replay=False)
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    stream = io.StringIO()
+    first = train.train(config, run_dir, stream=stream, stop_at=300)
+    assert first["updates"] == 201  # steps 100..300
+    resumed = train.train(config, run_dir, resume=True, stream=stream)
+    # no updates at steps 301..399 while 100 new transitions arrive, then one per step
+    assert resumed["updates"] == 201 + 201
+    assert "refills until agent step 400" in stream.getvalue()
+    assert "environments restarted with new games" in stream.getvalue()
 
 
 def test_resume_cli_continues_and_rejects_other_flags(tmp_path):
