@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from fdqn.envs import episode_stats
-from fdqn.exploration import epsilon_greedy
+from fdqn.exploration import select_actions
 
 
 class Memory(Protocol):
@@ -35,7 +35,7 @@ class Memory(Protocol):
 @functools.partial(jax.jit, static_argnums=0)
 def _act(q_fn: Callable, params: Any, key: jax.Array, obs: jax.Array, epsilon: chex.Numeric):
     key, use = jax.random.split(key)
-    return key, epsilon_greedy(use, q_fn(params, obs), epsilon)
+    return key, select_actions(q_fn, params, use, obs, epsilon)
 
 
 class Rollout:

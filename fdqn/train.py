@@ -34,7 +34,6 @@ from fdqn import checkpoint, envs, reporting
 from fdqn.config import (
     PRESETS,
     Config,
-    ConfigError,
     load_config,
     make_env,
     make_network,
@@ -468,6 +467,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-__all__ = ["Config", "ConfigError", "build", "main", "train"]
