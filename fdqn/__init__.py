@@ -20,7 +20,14 @@ from fdqn.learner import (  # noqa: E402
     sync_target,
     update,
 )
-from fdqn.networks import mlp, nature_cnn, notebook_cnn, pure_q_fn, write_params  # noqa: E402
+from fdqn.networks import (  # noqa: E402
+    mlp,
+    nature_cnn,
+    notebook_cnn,
+    pure_q_fn,
+    seed_initializers,
+    write_params,
+)
 from fdqn.replay import Batch, ReplayMemory  # noqa: E402
 from fdqn.rollout import Rollout  # noqa: E402
 from fdqn.value_learning import (  # noqa: E402
@@ -51,6 +58,7 @@ __all__ = [
     "nature_cnn",
     "notebook_cnn",
     "pure_q_fn",
+    "seed_initializers",
     "q_learning",
     "select_actions",
     "squared_loss",

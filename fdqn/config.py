@@ -65,6 +65,9 @@ class Config:
     double_q: bool = _field(False, "use double Q-learning targets")
     huber_delta: float = _field(1.0, "Huber loss threshold; 0 for the squared loss")
     loss_reduction: str = _field("mean", "reduce per-transition losses by mean or sum")
+    mask_terminal: bool = _field(
+        True, "no bootstrap after a terminal step (false: the notebook's bug, for benchmarks)"
+    )
     clip: str = _field("global", "gradient clipping: global, per_tensor or none")
     max_grad_norm: float = _field(10.0, "gradient norm bound of --clip")
     epsilon_schedule: str = _field("linear", "exploration schedule: linear or exponential")

@@ -186,6 +186,7 @@ def dqn_loss(
     double_q: bool = False,
     huber_delta: float | None = 1.0,
     reduction: str = "mean",
+    mask_terminal: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The DQN loss of a batch, and diagnostics.
 
@@ -193,7 +194,8 @@ def dqn_loss(
     ``discount_t = gamma * (1 - terminated)``; the loss is the Huber loss of
     each TD error, averaged over the batch. The notebook summed over the
     batch and bootstrapped from terminal states; ``reduction="sum"`` gives its
-    sum, and passing ``terminated`` all False its lack of masking.
+    sum and ``mask_terminal=False`` its bootstrapping (kept for the benchmark
+    against the notebook, not for learning).
 
     Args:
       params: online parameters (differentiated).
@@ -204,6 +206,7 @@ def dqn_loss(
       double_q: use double Q-learning targets.
       huber_delta: the Huber threshold; ``None`` for the squared loss.
       reduction: ``"mean"`` or ``"sum"`` over the batch.
+      mask_terminal: zero the bootstrap term after a terminal transition.
 
     Returns:
       ``(loss, aux)`` where aux has ``q_taken`` (mean Q of the taken actions)
@@ -216,7 +219,10 @@ def dqn_loss(
     q_t = q_fn(target_params, batch.next_obs)
     action = jnp.asarray(batch.action, jnp.int32)
     reward = jnp.asarray(batch.reward, q_tm1.dtype)
-    discount = gamma * (1.0 - jnp.asarray(batch.terminated, q_tm1.dtype))
+    if mask_terminal:
+        discount = gamma * (1.0 - jnp.asarray(batch.terminated, q_tm1.dtype))
+    else:
+        discount = jnp.full_like(reward, gamma)
     if double_q:
         q_t_selector = jax.lax.stop_gradient(q_fn(params, batch.next_obs))
         td = jax.vmap(double_q_learning)(q_tm1, action, reward, discount, q_t, q_t_selector)
@@ -228,7 +234,9 @@ def dqn_loss(
     return loss, {"q_taken": jnp.mean(q_taken), "td_abs": jnp.mean(jnp.abs(td))}
 
 
-@functools.partial(jax.jit, static_argnames=("gamma", "double_q", "huber_delta", "reduction"))
+@functools.partial(
+    jax.jit, static_argnames=("gamma", "double_q", "huber_delta", "reduction", "mask_terminal")
+)
 def update(
     state: TrainState,
     batch: Batch,
@@ -236,13 +244,14 @@ def update(
     double_q: bool = False,
     huber_delta: float | None = 1.0,
     reduction: str = "mean",
+    mask_terminal: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One gradient step on ``batch``; jit-compiled, pure.
 
     Args:
       state: the learner state.
       batch: a :class:`Batch`.
-      gamma, double_q, huber_delta, reduction: as in :func:`dqn_loss`
+      gamma, double_q, huber_delta, reduction, mask_terminal: as in :func:`dqn_loss`
         (static: each new value compiles once).
 
     Returns:
@@ -259,6 +268,7 @@ def update(
         double_q=double_q,
         huber_delta=huber_delta,
         reduction=reduction,
+        mask_terminal=mask_terminal,
     )
     updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

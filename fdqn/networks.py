@@ -12,6 +12,7 @@ copies trained parameters back into the model (to call ``model.predict`` or
 ``model.save_weights``).
 """
 
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +25,30 @@ Params = list  # the model's trainable arrays, in ``model.trainable_variables`` 
 QFn = Callable[[Params, jax.Array], jax.Array]
 
 ATARI_OBS_SHAPE = (4, 84, 84)
+
+
+def seed_initializers(seed: int) -> None:
+    """Makes the weights of networks built next a function of ``seed``.
+
+    Does what ``keras.utils.set_random_seed`` does for Keras on JAX (seeds
+    Python's and NumPy's global generators, from which Keras draws the seeds
+    of unseeded initializers, and resets Keras' global ``SeedGenerator``)
+    but not its last step: that function imports TensorFlow whenever it is
+    installed, to seed it too (seconds, hundreds of MB, log lines on stderr).
+    """
+    if not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    try:
+        from keras.src.backend.common import global_state
+        from keras.src.random.seed_generator import GLOBAL_SEED_GENERATOR
+        from keras.src.utils.rng_utils import GLOBAL_RANDOM_SEED
+    except ImportError:  # a Keras whose internals moved: the public call, side effects and all
+        keras.utils.set_random_seed(int(seed))
+        return
+    global_state.set_global_attribute(GLOBAL_RANDOM_SEED, int(seed))
+    global_state.set_global_attribute(GLOBAL_SEED_GENERATOR, None)
+    random.seed(int(seed))
+    np.random.seed(int(seed))  # noqa: NPY002  (the global generator, as Keras seeds it)
 
 
 def _pixel_stem(obs_shape: Sequence[int], scale_obs: bool) -> list[keras.layers.Layer]:

@@ -27,10 +27,9 @@ import time
 from typing import Any
 
 import jax
-import keras
 import numpy as np
 
-from fdqn import checkpoint, envs, reporting
+from fdqn import checkpoint, envs, networks, reporting
 from fdqn.config import (
     PRESETS,
     Config,
@@ -84,12 +83,13 @@ class Run:
     rollout: Rollout
     counters: Counters
     refill_until: int = 0  # no updates before this agent step (resumed without replay)
+    metrics: Any = None  # of the latest update
 
 
 def build(config: Config) -> Run:
     """Environments, network, learner state, replay memory and rollout for ``config``."""
     env = make_env(config)
-    keras.utils.set_random_seed(config.seed)  # initial weights follow the run's seed
+    networks.seed_initializers(config.seed)  # initial weights follow the run's seed
     model = make_network(config, env)
     optimizer = make_optimizer(
         config.optimizer, config.lr, clip=config.clip, max_grad_norm=config.max_grad_norm
@@ -244,7 +244,9 @@ def train(
     limit = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
     status = "finished"
     try:
-        status = _loop(run, run_dir, reporter, schedule, limit, interrupted)
+        status = run_until(run, run_dir, reporter, schedule, limit, interrupted)
+        if status == "finished":
+            _checkpoint_if_finite(run, run_dir, run.metrics)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         reporter.close()
@@ -265,15 +267,26 @@ def train(
     return summary
 
 
-def _loop(run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: list) -> str:
+def run_until(
+    run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: list = ()
+) -> str:
+    """Plays and learns until agent step ``limit`` (or the config's episode limit).
+
+    Acts, stores, updates, syncs the target, reports, evaluates and writes
+    the periodic checkpoints the config asks for; the final checkpoint is the
+    caller's. Returns ``"finished"``, or ``"interrupted"`` (after writing a
+    checkpoint) once ``interrupted`` is non-empty. Calling it again with a
+    larger ``limit`` continues the same run.
+    """
     config, counters, rollout, memory = run.config, run.counters, run.rollout, run.memory
     loss_kwargs = dict(
         gamma=config.gamma,
         double_q=config.double_q,
         huber_delta=config.huber_delta or None,
         reduction=config.loss_reduction,
+        mask_terminal=config.mask_terminal,
     )
-    metrics = None
+    metrics = run.metrics
     while rollout.agent_steps < limit and not (
         config.total_episodes and counters.episodes >= config.total_episodes
     ):
@@ -297,6 +310,7 @@ def _loop(run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: l
                     run.state, memory.sample(config.batch_size), **loss_kwargs
                 )
                 counters.updates += 1
+                run.metrics = metrics
             if config.target_update_unit == "steps" and step // config.target_update > (
                 counters.target_syncs
             ):
@@ -339,8 +353,6 @@ def _loop(run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: l
         if config.checkpoint_every and step // config.checkpoint_every > counters.checkpoints:
             counters.checkpoints = step // config.checkpoint_every
             _checkpoint_if_finite(run, run_dir, metrics)
-
-    _checkpoint_if_finite(run, run_dir, metrics)
     return "finished"
 
 

@@ -39,7 +39,7 @@ def random_batch(rng, size=16, obs_dim=4, num_actions=2):
 
 
 def mlp_state(seed=0, optimizer=None):
-    keras.utils.set_random_seed(seed)
+    fdqn.seed_initializers(seed)
     model = fdqn.mlp(2, obs_dim=4, hidden=(16,))
     return create_train_state(
         model, optimizer or make_optimizer("adam", 1e-2), jax.random.key(seed)
@@ -67,6 +67,9 @@ def test_loss_sum_and_unmasked_as_in_notebook(variant):
     # without terminal masking transition 2 bootstraps: target 0.5 * 2 = 1, td -3, huber 2.5
     unmasked = HAND_BATCH._replace(terminated=np.array([False, False]))
     loss, _ = variant(lambda s, b: loss_fn(s, b, gamma=0.5))(state, unmasked)
+    np.testing.assert_allclose(loss, 2.25, rtol=1e-6)
+    # mask_terminal=False ignores the flag: the same 2.25 from the real batch
+    loss, _ = variant(lambda s, b: loss_fn(s, b, gamma=0.5, mask_terminal=False))(state, HAND_BATCH)
     np.testing.assert_allclose(loss, 2.25, rtol=1e-6)
 
 

@@ -1,5 +1,8 @@
 """Keras networks and their pure-function form."""
 
+import subprocess
+import sys
+
 import jax
 import keras
 import numpy as np
@@ -54,9 +57,9 @@ def test_notebook_cnn_has_no_activations():
 
 
 def test_notebook_cnn_scaling_is_a_factor_inside_the_model():
-    keras.utils.set_random_seed(0)
+    fdqn.seed_initializers(0)
     raw = fdqn.notebook_cnn(4, scale_obs=False)
-    keras.utils.set_random_seed(0)
+    fdqn.seed_initializers(0)
     scaled = fdqn.notebook_cnn(4, scale_obs=True)
     obs = atari_obs()
     zero = np.zeros_like(obs)
@@ -131,3 +134,32 @@ def test_errors():
         fdqn.write_params(model, params[:-1])
     with pytest.raises(ValueError, match="has shape"):
         fdqn.write_params(model, [np.zeros((1, 1))] + params[1:])
+
+
+def test_seed_initializers_fixes_weights_as_keras_set_random_seed_does():
+    def weights():
+        return [np.asarray(w) for w in fdqn.mlp(2, obs_dim=4, hidden=(8,)).get_weights()]
+
+    fdqn.seed_initializers(3)
+    first = weights()
+    fdqn.seed_initializers(3)
+    again = weights()
+    fdqn.seed_initializers(4)
+    other = weights()
+    keras.utils.set_random_seed(3)
+    public = weights()
+    for a, b, c in zip(first, again, public):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    assert not np.array_equal(first[0], other[0])
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        fdqn.seed_initializers(1.5)
+
+
+def test_seed_initializers_does_not_import_tensorflow():
+    code = (
+        "import sys, fdqn; fdqn.seed_initializers(0); fdqn.nature_cnn(4); "
+        "print('tensorflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,388 @@
+"""fdqn against the TF 2 port of the notebook, side by side on one machine.
+
+    python benchmarks/compare.py [--quick] [--rounds R] [--only CASE ...] [--out FILE]
+
+Implementations: ``fdqn``; ``tf_eager``, the notebook's eager GradientTape
+update (benchmarks/tf_notebook.py); ``tf_function``, the same update inside
+``tf.function``. Cases:
+
+- ``update/notebook``: one learner update, the notebook's network, batch 64,
+  RMSProp 1e-3, per-tensor clipping at 1, summed loss (its faithful mode);
+- ``update/nature``: the Nature CNN, batch 32, Adam 1e-4, global clipping at
+  10, mean loss with terminal masking;
+- ``act/notebook-1``, ``act/nature-8``: greedy actions for a batch of 1 or 8
+  observations, from uint8 pixels to actions on the host;
+- ``e2e/breakout``: the notebook's training loop on Breakout (one env, an
+  update every agent step from the first 64 transitions, faithful mode), in
+  agent steps per second after learning has started; fdqn runs its
+  ``notebook`` preset through ``fdqn.train.run_until``;
+- ``e2e/cartpole``: the same loop on CartPole-v1 with a 64-64 ReLU MLP.
+
+Each implementation of a case runs in its own worker process (the parity of
+the numbers is tested in tests/test_tf_parity.py). A worker builds and warms
+up first; that time (jit compilation, TF tracing, the first 64 steps of a
+loop) is reported apart as ``setup_s``. Then the workers take turns, A B C A
+B C ..., each timing one block per round, so machine drift hits all of them;
+the table shows medians over rounds. Peak RSS is each worker's VmHWM.
+
+The last line of output is one JSON object with every figure.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+IMPLS = ("fdqn", "tf_eager", "tf_function")
+
+# case -> (kind, parameters, units per block in full mode, in quick mode)
+CASES = {
+    "update/notebook": ("update", {"config": "notebook"}, 20, 8),
+    "update/nature": ("update", {"config": "nature"}, 30, 10),
+    "act/notebook-1": ("act", {"network": "notebook", "n": 1}, 200, 50),
+    "act/nature-8": ("act", {"network": "nature", "n": 8}, 200, 50),
+    "e2e/breakout": ("e2e", {"env": "BreakoutNoFrameskip-v4", "warmup": 64 + 36}, 60, 20),
+    "e2e/cartpole": ("e2e", {"env": "CartPole-v1", "warmup": 64 + 236}, 300, 100),
+}
+UNITS = {"update": "ms/update", "act": "ms/call", "e2e": "steps/s"}
+
+
+# -- workers --------------------------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _random_batch(size: int, seed: int):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return dict(
+        obs=rng.integers(0, 256, (size, 4, 84, 84), dtype=np.uint8),
+        action=rng.integers(0, 4, size),
+        reward=rng.choice(np.array([-1.0, 0.0, 1.0], np.float32), size),
+        next_obs=rng.integers(0, 256, (size, 4, 84, 84), dtype=np.uint8),
+        terminated=rng.random(size) < 0.05,
+    )
+
+
+def _tf_arrays(b):
+    import numpy as np
+
+    return (
+        np.transpose(b["obs"], (0, 2, 3, 1)).astype(np.float32),
+        b["action"].astype(np.int64),
+        b["reward"],
+        np.transpose(b["next_obs"], (0, 2, 3, 1)).astype(np.float32),
+        b["terminated"].astype(np.float32),
+    )
+
+
+class FdqnWorker:
+    def __init__(self, kind, params):
+        import jax
+
+        import fdqn
+
+        self.kind, self.params, self.fdqn, self.jax = kind, params, fdqn, jax
+
+    def setup(self):
+        fdqn, jax = self.fdqn, self.jax
+        if self.kind == "update":
+            if self.params["config"] == "notebook":
+                model, size = fdqn.notebook_cnn(4, scale_obs=False), 64
+                opt = fdqn.make_optimizer("rmsprop", 1e-3, clip="per_tensor", max_grad_norm=1.0)
+                self.kwargs = dict(reduction="sum", mask_terminal=False)
+            else:
+                model, size = fdqn.nature_cnn(4), 32
+                opt = fdqn.make_optimizer("adam", 1e-4, clip="global", max_grad_norm=10.0)
+                self.kwargs = dict(reduction="mean", mask_terminal=True)
+            self.state = fdqn.create_train_state(model, opt, jax.random.key(0))
+            self.batches = [fdqn.Batch(**_random_batch(size, seed)) for seed in range(4)]
+            self.run(1)
+            self.run(3)
+        elif self.kind == "act":
+            n = self.params["n"]
+            model = (
+                fdqn.notebook_cnn if self.params["network"] == "notebook" else fdqn.nature_cnn
+            )(4)
+            self.q_fn, self.net_params = fdqn.pure_q_fn(model)
+            self.obs = _random_batch(n, 0)["obs"]
+            self.key = jax.random.key(0)
+            self.run(5)
+        else:
+            import io
+            import tempfile
+
+            from fdqn import reporting, train
+            from fdqn.config import preset
+
+            base = dict(total_episodes=0, total_steps=10**9, log_every=10**9, print_episodes=False)
+            config = preset("notebook").replace(mask_terminal=False, loss_reduction="sum", **base)
+            if self.params["env"] != "BreakoutNoFrameskip-v4":
+                config = config.replace(
+                    env=self.params["env"],
+                    network="mlp",
+                    hidden=(64, 64),
+                    terminal_on_life_loss=False,
+                )
+            config.validate()
+            self.train = train
+            self.run_dir = tempfile.mkdtemp(prefix="fdqn-compare-")
+            self.runner = train.build(config)
+            self.reporter = reporting.Reporter(
+                self.run_dir, config.total_steps, config.log_every, io.StringIO()
+            )
+            self.schedule = train.epsilon_schedule(config)
+            self.run(self.params["warmup"])
+
+    def run(self, n):
+        jax = self.jax
+        if self.kind == "update":
+            for i in range(n):
+                self.state, metrics = self.fdqn.update(
+                    self.state, self.batches[i % len(self.batches)], **self.kwargs
+                )
+            jax.block_until_ready((self.state, metrics))
+        elif self.kind == "act":
+            import numpy as np
+
+            for _ in range(n):
+                np.asarray(
+                    self.fdqn.select_actions(self.q_fn, self.net_params, self.key, self.obs, 0.0)
+                )
+        else:
+            limit = self.runner.rollout.agent_steps + n
+            self.train.run_until(self.runner, self.run_dir, self.reporter, self.schedule, limit)
+            jax.block_until_ready(self.runner.state)
+
+
+class TfWorker:
+    def __init__(self, kind, params, compiled):
+        sys.path.insert(0, HERE)
+        import tf_notebook
+
+        self.kind, self.params, self.compiled, self.tfn = kind, params, compiled, tf_notebook
+
+    def setup(self):
+        tfn = self.tfn
+        if self.kind == "update":
+            config = self.params["config"]
+            size = 64 if config == "notebook" else 32
+            self.learner = tfn.make_learner(
+                config, (84, 84, 4), 4, config=config, compiled=self.compiled
+            )
+            self.batches = [_tf_arrays(_random_batch(size, seed)) for seed in range(4)]
+            self.run(1)
+            self.run(3)
+        elif self.kind == "act":
+            import numpy as np
+
+            self.learner = tfn.make_learner(
+                self.params["network"], (84, 84, 4), 4, compiled=self.compiled
+            )
+            obs = _random_batch(self.params["n"], 0)["obs"]
+            self.obs = np.ascontiguousarray(np.transpose(obs, (0, 2, 3, 1)))
+            self.run(5)
+        else:
+            self.loop = tfn.NotebookLoop(self.params["env"], compiled=self.compiled, seed=0)
+            self.run(self.params["warmup"])
+
+    def run(self, n):
+        import numpy as np
+
+        tf = self.tfn.tf
+        if self.kind == "update":
+            for i in range(n):
+                loss = self.learner.update(*self.batches[i % len(self.batches)])
+            loss.numpy()
+        elif self.kind == "act":
+            for _ in range(n):
+                obs = self.obs.astype(np.float32)
+                if self.compiled:
+                    self.learner.greedy_actions(obs)
+                else:  # the notebook's way
+                    tf.argmax(self.learner.policy_model(tf.convert_to_tensor(obs)), axis=1).numpy()
+        else:
+            self.loop.advance(n)
+
+
+def worker_main(spec: str) -> int:
+    """Serves setup / run / rss commands, one JSON line each, on stdin / stdout."""
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything libraries print goes to stderr
+    spec = json.loads(spec)
+    kind, params, impl = spec["kind"], spec["params"], spec["impl"]
+    worker = (
+        FdqnWorker(kind, params)
+        if impl == "fdqn"
+        else TfWorker(kind, params, compiled=impl == "tf_function")
+    )
+    for line in sys.stdin:
+        command = json.loads(line)
+        start = time.perf_counter()
+        if command["cmd"] == "setup":
+            worker.setup()
+            reply = {"setup_s": time.perf_counter() - start}
+        elif command["cmd"] == "run":
+            worker.run(command["n"])
+            reply = {"seconds": time.perf_counter() - start}
+        else:
+            reply = {"peak_rss_mb": _peak_rss_mb()}
+        replies.write(json.dumps(reply) + "\n")
+    return 0
+
+
+# -- the driver -----------------------------------------------------------------
+
+
+class Worker:
+    def __init__(self, kind, params, impl):
+        spec = json.dumps({"kind": kind, "params": params, "impl": impl})
+        self.impl = impl
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker", spec],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+
+    def ask(self, **command):
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            err = self.proc.stderr.read().strip().splitlines()
+            raise RuntimeError(f"{self.impl} worker failed: {err[-1] if err else 'no output'}")
+        return json.loads(line)
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+        self.proc.stderr.close()
+
+
+def measure(case: str, rounds: int, quick: bool, log) -> dict:
+    kind, params, full_n, quick_n = CASES[case]
+    n = quick_n if quick else full_n
+    workers = [Worker(kind, params, impl) for impl in IMPLS]
+    result = {}
+    try:
+        for w in workers:
+            result[w.impl] = {"setup_s": w.ask(cmd="setup")["setup_s"], "blocks": []}
+        for r in range(rounds):
+            order = workers[r % len(workers) :] + workers[: r % len(workers)]
+            for w in order:
+                result[w.impl]["blocks"].append(w.ask(cmd="run", n=n)["seconds"])
+        for w in workers:
+            result[w.impl]["peak_rss_mb"] = w.ask(cmd="rss")["peak_rss_mb"]
+    finally:
+        for w in workers:
+            w.close()
+    for r in result.values():
+        per_unit = [s / n for s in r["blocks"]]
+        r["value"] = (
+            statistics.median([1.0 / p for p in per_unit])
+            if kind == "e2e"
+            else statistics.median(per_unit) * 1000
+        )
+        r["units_per_block"] = n
+    log(_format_case(case, kind, result))
+    return result
+
+
+def _speedup(kind, fdqn_value, base_value):
+    """How many times faster fdqn is than a baseline (> 1: fdqn wins)."""
+    return fdqn_value / base_value if kind == "e2e" else base_value / fdqn_value
+
+
+def _format_case(case, kind, result):
+    f = result["fdqn"]["value"]
+    cells = [f"{result[i]['value']:10.2f}" for i in IMPLS]
+    ratios = [f"x{_speedup(kind, f, result[i]['value']):5.2f}" for i in IMPLS[1:]]
+    setups = "/".join(f"{result[i]['setup_s']:.1f}" for i in IMPLS)
+    rss = "/".join(f"{result[i]['peak_rss_mb']:.0f}" for i in IMPLS)
+    return (
+        f"{case:16} {UNITS[kind]:9} {' '.join(cells)}   {' '.join(ratios)}   {setups:>16}   {rss}"
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small blocks, 2 rounds: < 5 min")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per case (5; quick 2)")
+    parser.add_argument("--only", nargs="+", metavar="CASE", help=f"cases: {', '.join(CASES)}")
+    parser.add_argument("--out", help="also write the output to this file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    rounds = args.rounds or (2 if args.quick else 5)
+    if rounds < 1:
+        parser.error(f"--rounds must be a positive integer, got {rounds}")
+    cases = args.only or list(CASES)
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case {unknown[0]!r}; cases are {', '.join(CASES)}")
+
+    lines = []
+
+    def log(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    import platform
+
+    log(
+        f"fdqn vs the TF notebook: {'quick' if args.quick else 'full'} mode, {rounds} rounds, "
+        f"medians; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}"
+    )
+    log(
+        f"{'case':16} {'unit':9} {'fdqn':>10} {'tf_eager':>10} {'tf_function':>10}   "
+        f"{'vs eager':>6} {'vs tf.fn':>6}   {'setup s f/e/fn':>16}   peak RSS MB f/e/fn"
+    )
+    start = time.perf_counter()
+    results = {case: measure(case, rounds, args.quick, log) for case in cases}
+    log(
+        f"speed-ups are fdqn over the baseline (> 1: fdqn faster); "
+        f"{time.perf_counter() - start:.0f} s in all"
+    )
+    summary = {
+        "mode": "quick" if args.quick else "full",
+        "rounds": rounds,
+        "cases": {
+            case: {
+                "unit": UNITS[CASES[case][0]],
+                **{impl: {k: v for k, v in r.items()} for impl, r in res.items()},
+                "speedup_vs_tf_eager": _speedup(
+                    CASES[case][0], res["fdqn"]["value"], res["tf_eager"]["value"]
+                ),
+                "speedup_vs_tf_function": _speedup(
+                    CASES[case][0], res["fdqn"]["value"], res["tf_function"]["value"]
+                ),
+            }
+            for case, res in results.items()
+        },
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n" + json.dumps(summary) + "\n")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
