@@ -2,9 +2,10 @@
 
     python benchmarks/compare.py [--quick] [--rounds R] [--only CASE ...] [--out FILE]
 
-Implementations: ``fdqn``; ``tf_eager``, the notebook's eager GradientTape
-update (benchmarks/tf_notebook.py); ``tf_function``, the same update inside
-``tf.function``. Cases:
+Implementations: ``fdqn``; ``fdqn_xla_default``, fdqn with XLA's default
+flags instead of the ones fdqn sets on CPU (``XLA_FLAGS=""``); ``tf_eager``,
+the notebook's eager GradientTape update (benchmarks/tf_notebook.py);
+``tf_function``, the same update inside ``tf.function``. Cases:
 
 - ``update/notebook``: one learner update, the notebook's network, batch 64,
   RMSProp 1e-3, per-tensor clipping at 1, summed loss (its faithful mode);
@@ -37,7 +38,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMPLS = ("fdqn", "tf_eager", "tf_function")
+IMPLS = ("fdqn", "fdqn_xla_default", "tf_eager", "tf_function")
+BASELINES = ("tf_eager", "tf_function", "fdqn_xla_default")
 
 # case -> (kind, parameters, units per block in full mode, in quick mode)
 CASES = {
@@ -249,8 +251,12 @@ class Worker:
     def __init__(self, kind, params, impl):
         spec = json.dumps({"kind": kind, "params": params, "impl": impl})
         self.impl = impl
+        env = dict(os.environ)
+        if impl == "fdqn_xla_default":
+            env["XLA_FLAGS"] = ""  # fdqn leaves a user's XLA_FLAGS alone, even an empty one
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", spec],
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -311,12 +317,36 @@ def _speedup(kind, fdqn_value, base_value):
 def _format_case(case, kind, result):
     f = result["fdqn"]["value"]
     cells = [f"{result[i]['value']:10.2f}" for i in IMPLS]
-    ratios = [f"x{_speedup(kind, f, result[i]['value']):5.2f}" for i in IMPLS[1:]]
+    ratios = [f"x{_speedup(kind, f, result[i]['value']):5.2f}" for i in BASELINES]
     setups = "/".join(f"{result[i]['setup_s']:.1f}" for i in IMPLS)
     rss = "/".join(f"{result[i]['peak_rss_mb']:.0f}" for i in IMPLS)
-    return (
-        f"{case:16} {UNITS[kind]:9} {' '.join(cells)}   {' '.join(ratios)}   {setups:>16}   {rss}"
-    )
+    return f"{case:16} {UNITS[kind]:9} {' '.join(cells)}  {' '.join(ratios)}  {setups:>19}  {rss}"
+
+
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _versions() -> str:
+    import importlib.metadata
+
+    found = []
+    for name in ("jax", "jaxlib", "keras", "tensorflow", "tf-keras", "ale-py"):
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    flags = os.environ.get("XLA_FLAGS")
+    return ", ".join(found) + (f"; XLA_FLAGS={flags!r}" if flags is not None else "")
 
 
 def main(argv=None) -> int:
@@ -347,12 +377,14 @@ def main(argv=None) -> int:
 
     log(
         f"fdqn vs the TF notebook: {'quick' if args.quick else 'full'} mode, {rounds} rounds, "
-        f"medians; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}"
+        f"medians; {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
+    log(_versions())
     log(
-        f"{'case':16} {'unit':9} {'fdqn':>10} {'tf_eager':>10} {'tf_function':>10}   "
-        f"{'vs eager':>6} {'vs tf.fn':>6}   {'setup s f/e/fn':>16}   peak RSS MB f/e/fn"
+        f"{'case':16} {'unit':9} {'fdqn':>10} {'fdqn XLAdef':>10} {'tf_eager':>10} "
+        f"{'tf.function':>10}  {'vs eager':>6} {'vs tf.fn':>6} {'vs XLAdef':>6}  "
+        f"{'setup s (same order)':>19}  peak RSS MB"
     )
     start = time.perf_counter()
     results = {case: measure(case, rounds, args.quick, log) for case in cases}
@@ -367,12 +399,12 @@ def main(argv=None) -> int:
             case: {
                 "unit": UNITS[CASES[case][0]],
                 **{impl: {k: v for k, v in r.items()} for impl, r in res.items()},
-                "speedup_vs_tf_eager": _speedup(
-                    CASES[case][0], res["fdqn"]["value"], res["tf_eager"]["value"]
-                ),
-                "speedup_vs_tf_function": _speedup(
-                    CASES[case][0], res["fdqn"]["value"], res["tf_function"]["value"]
-                ),
+                **{
+                    f"speedup_vs_{base}": _speedup(
+                        CASES[case][0], res["fdqn"]["value"], res[base]["value"]
+                    )
+                    for base in BASELINES
+                },
             }
             for case, res in results.items()
         },

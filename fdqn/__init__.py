@@ -1,8 +1,9 @@
 """fdqn: DQN as pure, jit-compiled JAX functions over Keras 3 models."""
 
-from fdqn._backend import KerasBackendError, ensure_jax_backend
+from fdqn._backend import KerasBackendError, configure_xla, ensure_jax_backend
 
 ensure_jax_backend()
+configure_xla()
 
 # Imports below need Keras' JAX backend, selected above.
 from fdqn.exploration import (  # noqa: E402
