@@ -38,19 +38,26 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMPLS = ("fdqn", "fdqn_xla_default", "tf_eager", "tf_function")
-BASELINES = ("tf_eager", "tf_function", "fdqn_xla_default")
+TF_IMPLS = ("fdqn", "fdqn_xla_default", "tf_eager", "tf_function")
+NATURE_IMPLS = ("fdqn", "fdqn_xla_default", "cleanrl_style")
 
-# case -> (kind, parameters, units per block in full mode, in quick mode)
+# case -> (kind, parameters, implementations, units per block in full mode, in quick mode)
 CASES = {
-    "update/notebook": ("update", {"config": "notebook"}, 20, 8),
-    "update/nature": ("update", {"config": "nature"}, 30, 10),
-    "act/notebook-1": ("act", {"network": "notebook", "n": 1}, 200, 50),
-    "act/nature-8": ("act", {"network": "nature", "n": 8}, 200, 50),
-    "e2e/breakout": ("e2e", {"env": "BreakoutNoFrameskip-v4", "warmup": 64 + 36}, 60, 20),
-    "e2e/cartpole": ("e2e", {"env": "CartPole-v1", "warmup": 64 + 236}, 300, 100),
+    "update/notebook": ("update", {"config": "notebook"}, TF_IMPLS, 20, 8),
+    "update/nature": ("update", {"config": "nature"}, TF_IMPLS, 30, 10),
+    "act/notebook-1": ("act", {"network": "notebook", "n": 1}, TF_IMPLS, 200, 50),
+    "act/nature-8": ("act", {"network": "nature", "n": 8}, TF_IMPLS, 200, 50),
+    "e2e/breakout": (
+        "e2e",
+        {"env": "BreakoutNoFrameskip-v4", "warmup": 64 + 36},
+        TF_IMPLS,
+        60,
+        20,
+    ),
+    "e2e/cartpole": ("e2e", {"env": "CartPole-v1", "warmup": 64 + 236}, TF_IMPLS, 300, 100),
+    "e2e/breakout-nature": ("nature", {"warmup": 2_000 + 400}, NATURE_IMPLS, 400, 160),
 }
-UNITS = {"update": "ms/update", "act": "ms/call", "e2e": "steps/s"}
+UNITS = {"update": "ms/update", "act": "ms/call", "e2e": "steps/s", "nature": "steps/s"}
 
 
 # -- workers --------------------------------------------------------------------
@@ -128,9 +135,25 @@ class FdqnWorker:
             from fdqn import reporting, train
             from fdqn.config import preset
 
-            base = dict(total_episodes=0, total_steps=10**9, log_every=10**9, print_episodes=False)
-            config = preset("notebook").replace(mask_terminal=False, loss_reduction="sum", **base)
-            if self.params["env"] != "BreakoutNoFrameskip-v4":
+            if self.kind == "nature":
+                config = preset("atari")
+                config = config.replace(
+                    **NATURE_BENCH,
+                    exploration_fraction=NATURE_BENCH["learning_starts"] / config.total_steps,
+                    eval_every=0,
+                    checkpoint_every=0,
+                    log_every=10**9,
+                )
+            else:
+                config = preset("notebook").replace(
+                    mask_terminal=False,
+                    loss_reduction="sum",
+                    total_episodes=0,
+                    total_steps=10**9,
+                    log_every=10**9,
+                    print_episodes=False,
+                )
+            if self.kind == "e2e" and self.params["env"] != "BreakoutNoFrameskip-v4":
                 config = config.replace(
                     env=self.params["env"],
                     network="mlp",
@@ -218,17 +241,100 @@ class TfWorker:
             self.loop.advance(n)
 
 
+# The Nature recipe as fdqn's default preset runs it (8 envs), with a smaller
+# buffer and learning from 2,000 agent steps so the benchmark reaches the
+# steady state (epsilon at its final 0.01) in seconds.
+NATURE_BENCH = dict(buffer_size=100_000, learning_starts=2_000)
+
+
+class CleanRLStyleWorker:
+    """The Nature recipe in a loop written the way CleanRL's ``dqn_atari_jax.py`` is.
+
+    One environment; a host numpy replay buffer of ``(obs, next_obs)`` pairs;
+    a jitted forward pass and an argmax fetched to the host every step
+    (``jax.device_get``); epsilon-greedy with Python's ``random``; a jitted
+    update every 4 agent steps on a batch of 32, a target copy every 1,000.
+    It uses fdqn's env, network and ``update``, so only the loop differs.
+    """
+
+    def __init__(self, kind, params):
+        import random
+
+        import jax
+        import numpy as np
+
+        import fdqn
+        from fdqn import envs
+
+        self.jax, self.np, self.fdqn, self.random = jax, np, fdqn, random
+        self.params = params
+        random.seed(0)
+        self.env = envs.make("BreakoutNoFrameskip-v4", 1)
+        self.num_actions = int(self.env.single_action_space.n)
+        fdqn.seed_initializers(0)
+        model = fdqn.nature_cnn(self.num_actions)
+        opt = fdqn.make_optimizer("adam", 1e-4, clip="global", max_grad_norm=10.0)
+        self.state = fdqn.create_train_state(model, opt, jax.random.key(0))
+        self.q_apply = jax.jit(self.state.q_fn)
+        size = NATURE_BENCH["buffer_size"]
+        self.buffer = dict(
+            obs=np.zeros((size, 4, 84, 84), np.uint8),
+            next_obs=np.zeros((size, 4, 84, 84), np.uint8),
+            action=np.zeros(size, np.int32),
+            reward=np.zeros(size, np.float32),
+            terminated=np.zeros(size, bool),
+        )
+        self.pos, self.size, self.global_step = 0, 0, 0
+        self.rng = np.random.default_rng(0)
+        self.obs, _ = self.env.reset(seed=0)
+        self.resetting = False
+
+    def setup(self):
+        self.run(self.params["warmup"])
+
+    def run(self, n):
+        jax, np, fdqn, random = self.jax, self.np, self.fdqn, self.random
+        starts = NATURE_BENCH["learning_starts"]
+        for _ in range(n):
+            epsilon = max(0.01, 1.0 - 0.99 * self.global_step / starts)
+            if random.random() < epsilon:
+                actions = np.array([random.randrange(self.num_actions)])
+            else:
+                q_values = self.q_apply(self.state.params, self.obs)
+                actions = jax.device_get(q_values.argmax(axis=-1))
+            next_obs, rewards, terminated, truncated, info = self.env.step(actions)
+            if not self.resetting:  # the step after a game over only resets the env
+                b, i = self.buffer, self.pos
+                b["obs"][i], b["next_obs"][i] = self.obs[0], next_obs[0]
+                b["action"][i], b["reward"][i] = actions[0], rewards[0]
+                b["terminated"][i] = terminated[0] or info["life_lost"][0]
+                self.pos = (i + 1) % len(b["action"])
+                self.size = min(self.size + 1, len(b["action"]))
+            self.resetting = bool(terminated[0] or truncated[0])
+            self.obs = next_obs
+            self.global_step += 1
+            if self.global_step > starts:
+                if self.global_step % 4 == 0:
+                    idx = self.rng.integers(0, self.size, 32)
+                    batch = fdqn.Batch(**{k: v[idx] for k, v in self.buffer.items()})
+                    self.state, metrics = fdqn.update(self.state, batch)
+                if self.global_step % 1_000 == 0:
+                    self.state = fdqn.sync_target(self.state)
+        jax.block_until_ready(self.state)
+
+
 def worker_main(spec: str) -> int:
     """Serves setup / run / rss commands, one JSON line each, on stdin / stdout."""
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything libraries print goes to stderr
     spec = json.loads(spec)
     kind, params, impl = spec["kind"], spec["params"], spec["impl"]
-    worker = (
-        FdqnWorker(kind, params)
-        if impl == "fdqn"
-        else TfWorker(kind, params, compiled=impl == "tf_function")
-    )
+    if impl.startswith("fdqn"):
+        worker = FdqnWorker(kind, params)
+    elif impl == "cleanrl_style":
+        worker = CleanRLStyleWorker(kind, params)
+    else:
+        worker = TfWorker(kind, params, compiled=impl == "tf_function")
     for line in sys.stdin:
         command = json.loads(line)
         start = time.perf_counter()
@@ -281,9 +387,9 @@ class Worker:
 
 
 def measure(case: str, rounds: int, quick: bool, log) -> dict:
-    kind, params, full_n, quick_n = CASES[case]
+    kind, params, impls, full_n, quick_n = CASES[case]
     n = quick_n if quick else full_n
-    workers = [Worker(kind, params, impl) for impl in IMPLS]
+    workers = [Worker(kind, params, impl) for impl in impls]
     result = {}
     try:
         for w in workers:
@@ -301,7 +407,7 @@ def measure(case: str, rounds: int, quick: bool, log) -> dict:
         per_unit = [s / n for s in r["blocks"]]
         r["value"] = (
             statistics.median([1.0 / p for p in per_unit])
-            if kind == "e2e"
+            if UNITS[kind] == "steps/s"
             else statistics.median(per_unit) * 1000
         )
         r["units_per_block"] = n
@@ -311,16 +417,26 @@ def measure(case: str, rounds: int, quick: bool, log) -> dict:
 
 def _speedup(kind, fdqn_value, base_value):
     """How many times faster fdqn is than a baseline (> 1: fdqn wins)."""
-    return fdqn_value / base_value if kind == "e2e" else base_value / fdqn_value
+    return fdqn_value / base_value if UNITS[kind] == "steps/s" else base_value / fdqn_value
+
+
+HEADER = (
+    f"{'case':20} {'unit':9}  {'implementation':16} {'median':>9}  {'fdqn speed-up':>13}  "
+    f"{'setup s':>7}  {'peak RSS MB':>11}"
+)
 
 
 def _format_case(case, kind, result):
     f = result["fdqn"]["value"]
-    cells = [f"{result[i]['value']:10.2f}" for i in IMPLS]
-    ratios = [f"x{_speedup(kind, f, result[i]['value']):5.2f}" for i in BASELINES]
-    setups = "/".join(f"{result[i]['setup_s']:.1f}" for i in IMPLS)
-    rss = "/".join(f"{result[i]['peak_rss_mb']:.0f}" for i in IMPLS)
-    return f"{case:16} {UNITS[kind]:9} {' '.join(cells)}  {' '.join(ratios)}  {setups:>19}  {rss}"
+    lines = []
+    for i, (impl, r) in enumerate(result.items()):
+        ratio = "" if impl == "fdqn" else f"x{_speedup(kind, f, r['value']):.2f}"
+        left = f"{case:20} {UNITS[kind]:9}" if i == 0 else " " * 30
+        lines.append(
+            f"{left}  {impl:16} {r['value']:9.2f}  {ratio:>13}  {r['setup_s']:7.1f}  "
+            f"{r['peak_rss_mb']:11.0f}"
+        )
+    return "\n".join(lines)
 
 
 def _cpu_model() -> str:
@@ -381,11 +497,7 @@ def main(argv=None) -> int:
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
     log(_versions())
-    log(
-        f"{'case':16} {'unit':9} {'fdqn':>10} {'fdqn XLAdef':>10} {'tf_eager':>10} "
-        f"{'tf.function':>10}  {'vs eager':>6} {'vs tf.fn':>6} {'vs XLAdef':>6}  "
-        f"{'setup s (same order)':>19}  peak RSS MB"
-    )
+    log(HEADER)
     start = time.perf_counter()
     results = {case: measure(case, rounds, args.quick, log) for case in cases}
     log(
@@ -403,7 +515,8 @@ def main(argv=None) -> int:
                     f"speedup_vs_{base}": _speedup(
                         CASES[case][0], res["fdqn"]["value"], res[base]["value"]
                     )
-                    for base in BASELINES
+                    for base in res
+                    if base != "fdqn"
                 },
             }
             for case, res in results.items()
