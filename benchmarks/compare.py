@@ -17,7 +17,13 @@ the notebook's eager GradientTape update (benchmarks/tf_notebook.py);
   update every agent step from the first 64 transitions, faithful mode), in
   agent steps per second after learning has started; fdqn runs its
   ``notebook`` preset through ``fdqn.train.run_until``;
-- ``e2e/cartpole``: the same loop on CartPole-v1 with a 64-64 ReLU MLP.
+- ``e2e/cartpole``: the same loop on CartPole-v1 with a 64-64 ReLU MLP;
+- ``e2e/breakout-nature``: the Nature recipe (fdqn's default preset, 8 envs,
+  an update every 4 agent steps) against the same recipe in a loop written
+  the way CleanRL writes its JAX DQN (one env, a device round trip per step).
+
+PyTorch, when installed (``pip install -e ".[torch]"``), runs the Nature-network
+cases too.
 
 Each implementation of a case runs in its own worker process (the parity of
 the numbers is tested in tests/test_tf_parity.py). A worker builds and warms
@@ -30,6 +36,7 @@ The last line of output is one JSON object with every figure.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -39,14 +46,16 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TF_IMPLS = ("fdqn", "fdqn_xla_default", "tf_eager", "tf_function")
-NATURE_IMPLS = ("fdqn", "fdqn_xla_default", "cleanrl_style")
+# PyTorch (the optional ``torch`` extra) joins the Nature-network cases when it is installed.
+TORCH_IMPLS = TF_IMPLS + (("torch",) if importlib.util.find_spec("torch") else ())
+NATURE_IMPLS = ("fdqn", "fdqn_xla_default", "cleanrl_style", "cleanrl_style_xla_default")
 
 # case -> (kind, parameters, implementations, units per block in full mode, in quick mode)
 CASES = {
     "update/notebook": ("update", {"config": "notebook"}, TF_IMPLS, 20, 8),
-    "update/nature": ("update", {"config": "nature"}, TF_IMPLS, 30, 10),
+    "update/nature": ("update", {"config": "nature"}, TORCH_IMPLS, 30, 10),
     "act/notebook-1": ("act", {"network": "notebook", "n": 1}, TF_IMPLS, 200, 50),
-    "act/nature-8": ("act", {"network": "nature", "n": 8}, TF_IMPLS, 200, 50),
+    "act/nature-8": ("act", {"network": "nature", "n": 8}, TORCH_IMPLS, 200, 50),
     "e2e/breakout": (
         "e2e",
         {"env": "BreakoutNoFrameskip-v4", "warmup": 64 + 36},
@@ -241,6 +250,74 @@ class TfWorker:
             self.loop.advance(n)
 
 
+class TorchWorker:
+    """The Nature CNN update and action selection in PyTorch (CPU), written plainly.
+
+    Same architecture (channels-first uint8 in, scaled inside), Huber loss
+    (``smooth_l1_loss``, delta 1, mean), terminal masking, global-norm
+    clipping at 10, Adam 1e-4: the ``update/nature`` config.
+    """
+
+    def __init__(self, kind, params):
+        import torch
+
+        self.torch, self.kind, self.params = torch, kind, params
+
+    def _net(self):
+        nn = self.torch.nn
+        return nn.Sequential(
+            nn.Conv2d(4, 32, 8, 4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, 2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, 1),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(3136, 512),
+            nn.ReLU(),
+            nn.Linear(512, 4),
+        )
+
+    def setup(self):
+        torch = self.torch
+        torch.manual_seed(0)
+        self.net, self.target = self._net(), self._net()
+        self.target.load_state_dict(self.net.state_dict())
+        if self.kind == "update":
+            self.opt = torch.optim.Adam(self.net.parameters(), lr=1e-4)
+            self.batches = [_random_batch(32, seed) for seed in range(4)]
+            self.run(4)
+        else:
+            self.obs = _random_batch(self.params["n"], 0)["obs"]
+            self.run(5)
+
+    def _q(self, net, obs):
+        return net(self.torch.from_numpy(obs).float() / 255.0)
+
+    def run(self, n):
+        torch = self.torch
+        F = torch.nn.functional
+        if self.kind == "act":
+            with torch.no_grad():
+                for _ in range(n):
+                    self._q(self.net, self.obs).argmax(dim=1).numpy()
+            return
+        for i in range(n):
+            b = self.batches[i % len(self.batches)]
+            action = torch.from_numpy(b["action"]).long()
+            reward = torch.from_numpy(b["reward"])
+            done = torch.from_numpy(b["terminated"]).float()
+            with torch.no_grad():
+                target = reward + 0.99 * (1 - done) * self._q(self.target, b["next_obs"]).max(1)[0]
+            q = self._q(self.net, b["obs"]).gather(1, action[:, None]).squeeze(1)
+            loss = F.smooth_l1_loss(q, target)
+            self.opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), 10.0)
+            self.opt.step()
+        loss.item()
+
+
 # The Nature recipe as fdqn's default preset runs it (8 envs), with a smaller
 # buffer and learning from 2,000 agent steps so the benchmark reaches the
 # steady state (epsilon at its final 0.01) in seconds.
@@ -254,7 +331,9 @@ class CleanRLStyleWorker:
     a jitted forward pass and an argmax fetched to the host every step
     (``jax.device_get``); epsilon-greedy with Python's ``random``; a jitted
     update every 4 agent steps on a batch of 32, a target copy every 1,000.
-    It uses fdqn's env, network and ``update``, so only the loop differs.
+    It uses fdqn's env, network and ``update``, so only the loop differs;
+    ``cleanrl_style_xla_default`` runs it with XLA's default flags, as
+    CleanRL's own script would run.
     """
 
     def __init__(self, kind, params):
@@ -331,8 +410,10 @@ def worker_main(spec: str) -> int:
     kind, params, impl = spec["kind"], spec["params"], spec["impl"]
     if impl.startswith("fdqn"):
         worker = FdqnWorker(kind, params)
-    elif impl == "cleanrl_style":
+    elif impl.startswith("cleanrl_style"):
         worker = CleanRLStyleWorker(kind, params)
+    elif impl == "torch":
+        worker = TorchWorker(kind, params)
     else:
         worker = TfWorker(kind, params, compiled=impl == "tf_function")
     for line in sys.stdin:
@@ -358,7 +439,7 @@ class Worker:
         spec = json.dumps({"kind": kind, "params": params, "impl": impl})
         self.impl = impl
         env = dict(os.environ)
-        if impl == "fdqn_xla_default":
+        if impl.endswith("_xla_default"):
             env["XLA_FLAGS"] = ""  # fdqn leaves a user's XLA_FLAGS alone, even an empty one
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", spec],
