@@ -19,6 +19,7 @@ from fdqn import Batch
 
 pytest.importorskip("tf_keras")
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")  # as benchmarks/tf_notebook.py runs TF
 tf = pytest.importorskip("tensorflow")
 
 _PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "tf_notebook.py")
