@@ -22,6 +22,7 @@ from fdqn.learner import (  # noqa: E402
     update,
 )
 from fdqn.networks import (  # noqa: E402
+    SpaceToDepthConv2D,
     mlp,
     nature_cnn,
     notebook_cnn,
@@ -57,6 +58,7 @@ __all__ = [
     "make_optimizer",
     "mlp",
     "nature_cnn",
+    "SpaceToDepthConv2D",
     "notebook_cnn",
     "pure_q_fn",
     "seed_initializers",

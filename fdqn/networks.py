@@ -51,6 +51,56 @@ def seed_initializers(seed: int) -> None:
     np.random.seed(int(seed))  # noqa: NPY002  (the global generator, as Keras seeds it)
 
 
+@keras.saving.register_keras_serializable(package="fdqn")
+class SpaceToDepthConv2D(keras.layers.Conv2D):
+    """A strided ``Conv2D`` computed as a space-to-depth rearrangement and a stride-1 convolution.
+
+    Same weights, same outputs (up to float32 rounding) as ``keras.layers.Conv2D``
+    with ``padding="valid"`` and ``channels_last``: the kernel is zero-padded
+    to a multiple of the stride ``s``, both kernel and input are cut into
+    ``s x s`` blocks stacked along channels, and a stride-1 convolution with
+    a ``ceil(k / s)``-sized kernel does the rest. XLA:CPU runs stride-1
+    convolutions much faster than strided ones (and their gradients), which
+    pays for the zero taps. Other settings fall back to ``Conv2D``.
+    """
+
+    def _rewrite_applies(self) -> bool:
+        return (
+            self.padding == "valid"
+            and self.data_format == "channels_last"
+            and tuple(self.dilation_rate) == (1, 1)
+            and self.groups == 1
+            and tuple(self.strides) != (1, 1)
+        )
+
+    def convolution_op(self, inputs, kernel):
+        if not self._rewrite_applies():
+            return super().convolution_op(inputs, kernel)
+        ops = keras.ops
+        (kh, kw), (sh, sw) = self.kernel_size, self.strides
+        bh, bw = -(-kh // sh), -(-kw // sw)  # kernel size in blocks
+        cin, cout = kernel.shape[2], kernel.shape[3]
+        kernel = ops.pad(kernel, ((0, bh * sh - kh), (0, bw * sw - kw), (0, 0), (0, 0)))
+        kernel = ops.reshape(kernel, (bh, sh, bw, sw, cin, cout))
+        kernel = ops.reshape(
+            ops.transpose(kernel, (0, 2, 1, 3, 4, 5)), (bh, bw, sh * sw * cin, cout)
+        )
+        _, h, w, c = inputs.shape
+        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+        # rows and columns the zero-padded kernel reaches: a whole number of blocks
+        nh, nw = (oh - 1) * sh + bh * sh, (ow - 1) * sw + bw * sw
+        x = inputs[:, : min(h, nh), : min(w, nw)]
+        if nh > h or nw > w:  # only zero taps reach these
+            x = ops.pad(x, ((0, 0), (0, max(0, nh - h)), (0, max(0, nw - w)), (0, 0)))
+        x = ops.reshape(x, (-1, nh // sh, sh, nw // sw, sw, c))
+        x = ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, nh // sh, nw // sw, sh * sw * c))
+        return ops.conv(x, kernel, strides=1, padding="valid")
+
+
+def _default_space_to_depth() -> bool:
+    return jax.default_backend() == "cpu"
+
+
 def _pixel_stem(obs_shape: Sequence[int], scale_obs: bool) -> list[keras.layers.Layer]:
     """Input, scaling to [0, 1] and a channels-first to channels-last transpose."""
     if len(obs_shape) != 3:
@@ -69,7 +119,11 @@ def _check_num_actions(num_actions: int) -> None:
         raise ValueError(f"num_actions must be a positive integer, got {num_actions!r}")
 
 
-def nature_cnn(num_actions: int, obs_shape: Sequence[int] = ATARI_OBS_SHAPE) -> keras.Model:
+def nature_cnn(
+    num_actions: int,
+    obs_shape: Sequence[int] = ATARI_OBS_SHAPE,
+    space_to_depth: bool | None = None,
+) -> keras.Model:
     """The DQN network of Mnih et al. (2015, Nature), with ReLU activations.
 
     Conv 32 8x8 stride 4, conv 64 4x4 stride 2, conv 64 3x3 stride 1, dense 512,
@@ -78,17 +132,23 @@ def nature_cnn(num_actions: int, obs_shape: Sequence[int] = ATARI_OBS_SHAPE) -> 
     Args:
       num_actions: size of the discrete action space.
       obs_shape: shape of one observation, ``(stack, height, width)``, uint8.
+      space_to_depth: compute the two strided convolutions as
+        :class:`SpaceToDepthConv2D` (same weights and outputs); ``None`` does
+        so when JAX runs on the CPU, where it makes an update about 1.2x faster.
 
     Returns:
       A built ``keras.Sequential`` mapping uint8
       ``(N, *obs_shape)`` to float32 ``(N, num_actions)``.
     """
     _check_num_actions(num_actions)
+    if space_to_depth is None:
+        space_to_depth = _default_space_to_depth()
+    conv = SpaceToDepthConv2D if space_to_depth else keras.layers.Conv2D
     return keras.Sequential(
         [
             *_pixel_stem(obs_shape, scale_obs=True),
-            keras.layers.Conv2D(32, 8, strides=4, activation="relu", name="conv1"),
-            keras.layers.Conv2D(64, 4, strides=2, activation="relu", name="conv2"),
+            conv(32, 8, strides=4, activation="relu", name="conv1"),
+            conv(64, 4, strides=2, activation="relu", name="conv2"),
             keras.layers.Conv2D(64, 3, strides=1, activation="relu", name="conv3"),
             keras.layers.Flatten(name="flatten"),
             keras.layers.Dense(512, activation="relu", name="fc"),

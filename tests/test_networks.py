@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
@@ -163,3 +164,64 @@ def test_seed_initializers_does_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "size, channels, filters, kernel, stride",
+    [
+        (84, 4, 32, 8, 4),  # the Nature CNN's first layer
+        (20, 32, 64, 4, 2),  # its second
+        (84, 4, 16, 5, 2),  # kernel not a multiple of the stride
+        (83, 3, 8, 5, 3),  # size not a multiple of the stride: the kernel reaches past it
+        (9, 2, 4, 3, 2),
+    ],
+)
+def test_space_to_depth_conv_matches_conv2d(size, channels, filters, kernel, stride, variant):
+    plain = keras.layers.Conv2D(filters, kernel, strides=stride, activation="relu")
+    s2d = fdqn.SpaceToDepthConv2D(filters, kernel, strides=stride, activation="relu")
+    x = np.random.default_rng(0).normal(size=(3, size, size + 1, channels)).astype(np.float32)
+    plain.build(x.shape)
+    s2d.build(x.shape)
+    s2d.set_weights(plain.get_weights())
+    weights = [jnp.asarray(w) for w in plain.get_weights()]
+
+    def apply(layer):
+        def f(w, x):
+            return layer.stateless_call(w, [], x)[0]
+
+        return f
+
+    want = variant(apply(plain))(weights, x)
+    got = variant(apply(s2d))(weights, x)
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    # and the gradients with respect to kernel, bias and input
+    def grads(layer):
+        return jax.grad(lambda w, x: jnp.sum(jnp.sin(apply(layer)(w, x))), argnums=(0, 1))
+
+    (gw_want, gx_want), (gw_got, gx_got) = grads(plain)(weights, x), grads(s2d)(weights, x)
+    for a, b in zip([*gw_got, gx_got], [*gw_want, gx_want]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+def test_space_to_depth_conv_falls_back_where_the_rewrite_does_not_apply():
+    layer = fdqn.SpaceToDepthConv2D(4, 3, strides=2, padding="same")
+    plain = keras.layers.Conv2D(4, 3, strides=2, padding="same")
+    x = np.random.default_rng(1).normal(size=(2, 7, 7, 3)).astype(np.float32)
+    layer.build(x.shape)
+    plain.build(x.shape)
+    layer.set_weights(plain.get_weights())
+    np.testing.assert_allclose(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("space_to_depth", [True, False])
+def test_nature_cnn_with_and_without_space_to_depth_agree(space_to_depth):
+    fdqn.seed_initializers(0)
+    reference = fdqn.nature_cnn(4, space_to_depth=False)
+    model = fdqn.nature_cnn(4, space_to_depth=space_to_depth)
+    model.set_weights(reference.get_weights())
+    obs = atari_obs()
+    np.testing.assert_allclose(model(obs), reference(obs), rtol=1e-4, atol=1e-5)
+    kinds = {type(layer).__name__ for layer in model.layers}
+    assert ("SpaceToDepthConv2D" in kinds) == space_to_depth
