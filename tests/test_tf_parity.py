@@ -206,7 +206,9 @@ def test_one_adam_step_gives_the_same_parameters():
     tf_learner.update(*tf_arrays(batch))
     state, _ = fdqn.update(state, batch, **kwargs)
     for p, tf_p, p0 in zip(state.params, tf_learner.policy_model.get_weights(), before):
-        np.testing.assert_allclose(np.asarray(p) - p0, tf_p - p0, rtol=1e-3, atol=2e-6)
+        # atol 5% of lr: where a gradient is within a few epsilons of 0, Adam's first
+        # step lr * g / (|g| + eps) turns float32 rounding of g into a visible difference
+        np.testing.assert_allclose(np.asarray(p) - p0, tf_p - p0, rtol=1e-3, atol=5e-6)
         assert np.max(np.abs(tf_p - p0)) > 5e-5  # each tensor moved by about lr
 
 
