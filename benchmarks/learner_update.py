@@ -63,7 +63,7 @@ def run(config: str, flags: str, updates: int) -> dict:
     if flags:
         env["XLA_FLAGS"] = flags
     else:
-        env.pop("XLA_FLAGS", None)
+        env["XLA_FLAGS"] = ""  # XLA's defaults: fdqn leaves a set XLA_FLAGS alone
     out = subprocess.run(
         [sys.executable, "-c", WORKER, config, str(updates)],
         env=env,
