@@ -2,6 +2,9 @@
 
     python benchmarks/compare.py [--quick] [--rounds R] [--only CASE ...] [--out FILE]
 
+``--quick`` (under 5 minutes here) is a smoke check: 2 rounds of shorter blocks after
+shorter warm-ups, without the runs under XLA's default flags.
+
 Implementations: ``fdqn``; ``fdqn_xla_default``, fdqn with XLA's default
 flags instead of the ones fdqn sets on CPU (``XLA_FLAGS=""``); ``tf_eager``,
 the notebook's eager GradientTape update (benchmarks/tf_notebook.py);
@@ -58,13 +61,25 @@ CASES = {
     "act/nature-8": ("act", {"network": "nature", "n": 8}, TORCH_IMPLS, 200, 50),
     "e2e/breakout": (
         "e2e",
-        {"env": "BreakoutNoFrameskip-v4", "warmup": 64 + 36},
+        {"env": "BreakoutNoFrameskip-v4", "warmup": 64 + 36, "quick_warmup": 64 + 8},
         TF_IMPLS,
         60,
         20,
     ),
-    "e2e/cartpole": ("e2e", {"env": "CartPole-v1", "warmup": 64 + 236}, TF_IMPLS, 300, 100),
-    "e2e/breakout-nature": ("nature", {"warmup": 2_000 + 400}, NATURE_IMPLS, 400, 160),
+    "e2e/cartpole": (
+        "e2e",
+        {"env": "CartPole-v1", "warmup": 64 + 236, "quick_warmup": 64 + 100},
+        TF_IMPLS,
+        300,
+        100,
+    ),
+    "e2e/breakout-nature": (
+        "nature",
+        {"warmup": 2_000 + 400, "quick_warmup": 2_000 + 80},
+        NATURE_IMPLS,
+        400,
+        160,
+    ),
 }
 UNITS = {"update": "ms/update", "act": "ms/call", "e2e": "steps/s", "nature": "steps/s"}
 
@@ -470,6 +485,9 @@ class Worker:
 def measure(case: str, rounds: int, quick: bool, log) -> dict:
     kind, params, impls, full_n, quick_n = CASES[case]
     n = quick_n if quick else full_n
+    if quick:  # a smoke check: shorter warm-ups, no runs with XLA's default flags
+        params = dict(params, warmup=params.get("quick_warmup", params.get("warmup")))
+        impls = tuple(i for i in impls if not i.endswith("_xla_default"))
     workers = [Worker(kind, params, impl) for impl in impls]
     result = {}
     try:
@@ -548,7 +566,11 @@ def _versions() -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small blocks, 2 rounds: < 5 min")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small blocks, short warm-ups, 2 rounds, no XLA-default runs: < 5 min",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="rounds per case (5; quick 2)")
     parser.add_argument("--only", nargs="+", metavar="CASE", help=f"cases: {', '.join(CASES)}")
     parser.add_argument("--out", help="also write the output to this file")
