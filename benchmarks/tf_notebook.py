@@ -399,7 +399,10 @@ def main(argv=None):
     env_id = "BreakoutNoFrameskip-v4" if args.env == "breakout" else args.env
     if args.episodes < 1:
         parser.error(f"--episodes must be a positive integer, got {args.episodes}")
-    loop = NotebookLoop(env_id, args.compiled, args.mask_terminal, args.seed, out=sys.stdout)
+    try:
+        loop = NotebookLoop(env_id, args.compiled, args.mask_terminal, args.seed, out=sys.stdout)
+    except ValueError as error:  # an unknown or unsupported env id
+        parser.error(str(error))
     while loop.episode < args.episodes:
         loop.advance(1)
     return 0
