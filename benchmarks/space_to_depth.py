@@ -1,12 +1,14 @@
-"""The Nature CNN with and without space-to-depth convolutions, side by side in one process.
+"""Strided convolutions with and without fdqn's space-to-depth input gradient, side by side.
 
-One ``fdqn.update`` (batch 32, Adam) and one ``fdqn.select_actions`` call for 8
-observations, for ``nature_cnn(space_to_depth=False)`` and ``True`` with the
-same weights, alternating (A B A B ...) over rounds; medians. Both run under
-whatever XLA flags the process has (fdqn's CPU defaults unless XLA_FLAGS is set).
-The last line of output is one JSON object.
+For the Nature CNN (batch 32, Adam) and the notebook's network (batch 64,
+RMSProp, raw pixels): one ``fdqn.update`` and one ``fdqn.select_actions`` call
+for 8 observations, with ``space_to_depth=False`` (``keras.layers.Conv2D``) and
+``True`` (``fdqn.SpaceToDepthConv2D``, same weights), all four in one process,
+alternating (A B C D A B ...) over rounds; medians. All run under whatever XLA
+flags the process has (fdqn's CPU defaults unless XLA_FLAGS is set). The last
+line of output is one JSON object.
 
-    python benchmarks/space_to_depth.py [--rounds 6]
+    python benchmarks/space_to_depth.py [--rounds 8]
 """
 
 import argparse
@@ -19,6 +21,15 @@ import jax
 import numpy as np
 
 import fdqn
+
+SETUPS = {
+    "nature": (lambda s2d: fdqn.nature_cnn(4, space_to_depth=s2d), 32, ("adam", 1e-4)),
+    "notebook": (
+        lambda s2d: fdqn.notebook_cnn(4, scale_obs=False, space_to_depth=s2d),
+        64,
+        ("rmsprop", 2.5e-4),
+    ),
+}
 
 
 def random_batch(rng, size):
@@ -33,33 +44,37 @@ def random_batch(rng, size):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=8)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     rng = np.random.default_rng(0)
-    batch, obs = random_batch(rng, 32), random_batch(rng, 8).obs
-    key = jax.random.key(0)
-    states = {}
-    for name, s2d in (("conv2d", False), ("space_to_depth", True)):
-        fdqn.seed_initializers(0)
-        model = fdqn.nature_cnn(4, space_to_depth=s2d)
-        states[name] = fdqn.create_train_state(model, fdqn.make_optimizer("adam", 1e-4), key)
-        for _ in range(3):  # compile and warm up
-            states[name], _ = fdqn.update(states[name], batch)
-        np.asarray(fdqn.select_actions(states[name].q_fn, states[name].params, key, obs, 0.0))
+    obs, key = random_batch(rng, 8).obs, jax.random.key(0)
+    states, batches = {}, {}
+    for network, (build, batch_size, (optimizer, lr)) in SETUPS.items():
+        batch = random_batch(rng, batch_size)
+        for s2d in (False, True):
+            name = f"{network}/{'space_to_depth' if s2d else 'conv2d'}"
+            fdqn.seed_initializers(0)
+            state = fdqn.create_train_state(build(s2d), fdqn.make_optimizer(optimizer, lr), key)
+            for _ in range(3):  # compile and warm up
+                state, _ = fdqn.update(state, batch)
+            np.asarray(fdqn.select_actions(state.q_fn, state.params, key, obs, 0.0))
+            states[name], batches[name] = state, batch
     update_ms = {name: [] for name in states}
     act_ms = {name: [] for name in states}
     for _ in range(args.rounds):
         for name in states:
             start = time.perf_counter()
-            for _ in range(10):
-                states[name], metrics = fdqn.update(states[name], batch)
+            for _ in range(8):
+                states[name], metrics = fdqn.update(states[name], batches[name])
             jax.block_until_ready((states[name], metrics))
-            update_ms[name].append((time.perf_counter() - start) / 10 * 1000)
+            update_ms[name].append((time.perf_counter() - start) / 8 * 1000)
             start = time.perf_counter()
-            for _ in range(50):
+            for _ in range(40):
                 s = states[name]
                 np.asarray(fdqn.select_actions(s.q_fn, s.params, key, obs, 0.0))
-            act_ms[name].append((time.perf_counter() - start) / 50 * 1000)
+            act_ms[name].append((time.perf_counter() - start) / 40 * 1000)
     result = {
         name: {
             "update_ms": statistics.median(update_ms[name]),
@@ -68,7 +83,7 @@ def main() -> int:
         for name in states
     }
     for name, r in result.items():
-        print(f"{name:>15}: update {r['update_ms']:.1f} ms, actions (8 obs) {r['act8_ms']:.2f} ms")
+        print(f"{name:>24}: update {r['update_ms']:.1f} ms, actions (8 obs) {r['act8_ms']:.2f} ms")
     print(json.dumps(result))
     return 0
 

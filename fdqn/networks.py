@@ -12,6 +12,7 @@ copies trained parameters back into the model (to call ``model.predict`` or
 ``model.save_weights``).
 """
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,22 +52,89 @@ def seed_initializers(seed: int) -> None:
     np.random.seed(int(seed))  # noqa: NPY002  (the global generator, as Keras seeds it)
 
 
+def _direct_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _space_to_depth_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """The same convolution as ``_direct_conv``, as space-to-depth + a stride-1 convolution.
+
+    The kernel is zero-padded to a whole number of ``sh x sw`` blocks, kernel
+    and input are cut into those blocks and the blocks stacked along channels;
+    a stride-1 convolution with a ``ceil(k / s)``-sized kernel does the rest.
+    """
+    (kh, kw), (sh, sw) = kernel.shape[:2], strides
+    bh, bw = -(-kh // sh), -(-kw // sw)  # kernel size in blocks
+    cin, cout = kernel.shape[2], kernel.shape[3]
+    kernel = jnp.pad(kernel, ((0, bh * sh - kh), (0, bw * sw - kw), (0, 0), (0, 0)))
+    kernel = kernel.reshape(bh, sh, bw, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5)
+    kernel = kernel.reshape(bh, bw, sh * sw * cin, cout)
+    n, h, w, c = x.shape
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    # rows and columns the zero-padded kernel reaches: a whole number of blocks
+    nh, nw = (oh - 1) * sh + bh * sh, (ow - 1) * sw + bw * sw
+    x = x[:, : min(h, nh), : min(w, nw)]
+    if nh > h or nw > w:  # only zero taps reach these
+        x = jnp.pad(x, ((0, 0), (0, max(0, nh - h)), (0, max(0, nw - w)), (0, 0)))
+    x = x.reshape(n, nh // sh, sh, nw // sw, sw, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, nh // sh, nw // sw, sh * sw * c)
+    return _direct_conv(x, kernel, (1, 1))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def strided_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """A 'valid' strided convolution (NHWC input, HWIO kernel) with a faster input gradient.
+
+    Values, and both gradients, are those of ``jax.lax.conv_general_dilated``
+    up to float32 rounding. The forward pass and the kernel gradient are XLA's
+    own strided convolutions. The gradient with respect to ``x`` is taken
+    through the space-to-depth form of the same convolution, where it is a
+    stride-1 convolution: XLA emits a convolution with a dilated input for it
+    otherwise, which XLA:CPU runs 2-4x slower (``benchmarks/space_to_depth.py``).
+
+    Args:
+      x: ``(N, H, W, C)`` input.
+      kernel: ``(kh, kw, C, F)`` kernel.
+      strides: ``(sh, sw)``, static.
+
+    Returns:
+      ``(N, (H - kh) // sh + 1, (W - kw) // sw + 1, F)``.
+    """
+    return _direct_conv(x, kernel, strides)
+
+
+def _strided_conv_fwd(x, kernel, strides):
+    return _direct_conv(x, kernel, strides), (x, kernel)
+
+
+def _strided_conv_bwd(strides, residuals, g):
+    x, kernel = residuals
+    (d_kernel,) = jax.vjp(lambda k: _direct_conv(x, k, strides), kernel)[1](g)
+    (d_x,) = jax.vjp(lambda v: _space_to_depth_conv(v, kernel, strides), x)[1](g)
+    return d_x, d_kernel
+
+
+strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+
+
 @keras.saving.register_keras_serializable(package="fdqn")
 class SpaceToDepthConv2D(keras.layers.Conv2D):
-    """A strided ``Conv2D`` computed as a space-to-depth rearrangement and a stride-1 convolution.
+    """A ``Conv2D`` whose strided convolution is :func:`strided_conv`.
 
-    Same weights, same outputs (up to float32 rounding) as ``keras.layers.Conv2D``
-    with ``padding="valid"`` and ``channels_last``: the kernel is zero-padded
-    to a multiple of the stride ``s``, both kernel and input are cut into
-    ``s x s`` blocks stacked along channels, and a stride-1 convolution with
-    a ``ceil(k / s)``-sized kernel does the rest. XLA:CPU runs stride-1
-    convolutions much faster than strided ones (and their gradients), which
-    pays for the zero taps. Other settings fall back to ``Conv2D``.
+    Same weights, outputs and gradients (up to float32 rounding) as
+    ``keras.layers.Conv2D``; only the input gradient is computed differently,
+    through the space-to-depth form of the convolution, which XLA:CPU runs
+    several times faster. Applies to ``padding="valid"``, ``channels_last``,
+    no dilation, no groups, strides other than 1, on the JAX backend; other
+    settings fall back to ``Conv2D``.
     """
 
     def _rewrite_applies(self) -> bool:
         return (
-            self.padding == "valid"
+            keras.backend.backend() == "jax"
+            and self.padding == "valid"
             and self.data_format == "channels_last"
             and tuple(self.dilation_rate) == (1, 1)
             and self.groups == 1
@@ -76,25 +144,8 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
     def convolution_op(self, inputs, kernel):
         if not self._rewrite_applies():
             return super().convolution_op(inputs, kernel)
-        ops = keras.ops
-        (kh, kw), (sh, sw) = self.kernel_size, self.strides
-        bh, bw = -(-kh // sh), -(-kw // sw)  # kernel size in blocks
-        cin, cout = kernel.shape[2], kernel.shape[3]
-        kernel = ops.pad(kernel, ((0, bh * sh - kh), (0, bw * sw - kw), (0, 0), (0, 0)))
-        kernel = ops.reshape(kernel, (bh, sh, bw, sw, cin, cout))
-        kernel = ops.reshape(
-            ops.transpose(kernel, (0, 2, 1, 3, 4, 5)), (bh, bw, sh * sw * cin, cout)
-        )
-        _, h, w, c = inputs.shape
-        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-        # rows and columns the zero-padded kernel reaches: a whole number of blocks
-        nh, nw = (oh - 1) * sh + bh * sh, (ow - 1) * sw + bw * sw
-        x = inputs[:, : min(h, nh), : min(w, nw)]
-        if nh > h or nw > w:  # only zero taps reach these
-            x = ops.pad(x, ((0, 0), (0, max(0, nh - h)), (0, max(0, nw - w)), (0, 0)))
-        x = ops.reshape(x, (-1, nh // sh, sh, nw // sw, sw, c))
-        x = ops.reshape(ops.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, nh // sh, nw // sw, sh * sw * c))
-        return ops.conv(x, kernel, strides=1, padding="valid")
+        kernel = keras.ops.convert_to_tensor(kernel)  # a keras.Variable when called eagerly
+        return strided_conv(inputs, kernel, tuple(int(s) for s in self.strides))
 
 
 def _default_space_to_depth() -> bool:
@@ -132,9 +183,9 @@ def nature_cnn(
     Args:
       num_actions: size of the discrete action space.
       obs_shape: shape of one observation, ``(stack, height, width)``, uint8.
-      space_to_depth: compute the two strided convolutions as
-        :class:`SpaceToDepthConv2D` (same weights and outputs); ``None`` does
-        so when JAX runs on the CPU, where it makes an update about 1.2x faster.
+      space_to_depth: make the two strided convolutions
+        :class:`SpaceToDepthConv2D` (same weights, outputs and gradients, a
+        faster input gradient); ``None`` does so when JAX runs on the CPU.
 
     Returns:
       A built ``keras.Sequential`` mapping uint8
@@ -159,7 +210,10 @@ def nature_cnn(
 
 
 def notebook_cnn(
-    num_actions: int, obs_shape: Sequence[int] = ATARI_OBS_SHAPE, scale_obs: bool = True
+    num_actions: int,
+    obs_shape: Sequence[int] = ATARI_OBS_SHAPE,
+    scale_obs: bool = True,
+    space_to_depth: bool | None = None,
 ) -> keras.Model:
     """The network of the TF notebook fdqn started from, layer for layer.
 
@@ -173,6 +227,9 @@ def notebook_cnn(
       obs_shape: shape of one observation, ``(stack, height, width)``, uint8.
       scale_obs: scale pixels to [0, 1]. The notebook feeds raw 0-255 values
         (``scale_obs=False``); scaling is the default here.
+      space_to_depth: make the three convolutions :class:`SpaceToDepthConv2D`
+        (same weights, outputs and gradients, a faster input gradient);
+        ``None`` does so when JAX runs on the CPU.
 
     Returns:
       A ``keras.Sequential``; after the transpose to channels-last its
@@ -180,12 +237,15 @@ def notebook_cnn(
       the notebook's ``tf.keras`` model, so weights carry over unchanged.
     """
     _check_num_actions(num_actions)
+    if space_to_depth is None:
+        space_to_depth = _default_space_to_depth()
+    conv = SpaceToDepthConv2D if space_to_depth else keras.layers.Conv2D
     return keras.Sequential(
         [
             *_pixel_stem(obs_shape, scale_obs=scale_obs),
-            keras.layers.Conv2D(16, 5, strides=2, name="conv1"),
-            keras.layers.Conv2D(32, 5, strides=2, name="conv2"),
-            keras.layers.Conv2D(32, 5, strides=2, name="conv3"),
+            conv(16, 5, strides=2, name="conv1"),
+            conv(32, 5, strides=2, name="conv2"),
+            conv(32, 5, strides=2, name="conv3"),
             keras.layers.Flatten(name="flatten"),
             keras.layers.Dense(num_actions, name="q_values"),
         ],
