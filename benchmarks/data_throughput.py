@@ -4,13 +4,16 @@ Measures, on Breakout:
   - raw ale-py ``AtariVectorEnv`` agent steps per second, random actions;
   - the same through ``fdqn.envs.make`` (life-loss info, reward clipping,
     episode statistics);
-  - ``fdqn.Rollout`` with the jitted Nature-CNN epsilon-greedy policy
-    (epsilon 0.05, so the network runs every step) writing to a replay memory;
+  - ``fdqn.Rollout`` writing to a replay memory at epsilon 1 (random actions,
+    as before learning starts: the network is not evaluated), and with the
+    jitted Nature-CNN epsilon-greedy policy at epsilon 0.05 (the network runs
+    every step);
   - replay memory insert (agent steps/s) and sample (batches of 32/s);
   - bytes per stored Atari transition at a capacity of 1,000,000.
 
-Raw env, wrapped env and rollout are measured alternately (A B C A B C ...)
-for each N so that machine drift hits all three; medians are reported.
+Raw env, wrapped env and the two rollouts are measured alternately
+(A B C D A B C D ...) for each N so that machine drift hits all of them;
+medians are reported.
 The last line of output is one JSON object with every figure.
 
     python benchmarks/data_throughput.py            # N = 1, 4, 8, 16
@@ -49,6 +52,10 @@ def bench_envs(num_envs, n_steps, repeats):
     )
     q_fn, params = fdqn.pure_q_fn(fdqn.nature_cnn(4))
     rollout = fdqn.Rollout(envs.make("breakout", num_envs), q_fn, memory, seed=0)
+    random_memory = fdqn.ReplayMemory(
+        max(100_000, num_envs), num_envs, (4, 84, 84), np.uint8, frame_stack=4
+    )
+    random_rollout = fdqn.Rollout(envs.make("breakout", num_envs), q_fn, random_memory, seed=1)
 
     def raw_step():
         raw.step(rng.integers(0, 4, num_envs, dtype=np.int32))
@@ -59,17 +66,22 @@ def bench_envs(num_envs, n_steps, repeats):
     def rollout_step():
         rollout.step(params, 0.05)
 
-    times = {"raw_env": [], "fdqn_env": [], "rollout": []}
+    def random_rollout_step():
+        random_rollout.step(params, 1.0)
+
+    times = {"raw_env": [], "fdqn_env": [], "rollout_random": [], "rollout": []}
     for _ in range(repeats):
         for name, fn in (
             ("raw_env", raw_step),
             ("fdqn_env", wrapped_step),
+            ("rollout_random", random_rollout_step),
             ("rollout", rollout_step),
         ):
             times[name].append(num_envs * n_steps / time_steps(fn, n_steps))
     raw.close()
     wrapped.close()
     rollout.env.close()
+    random_rollout.env.close()
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -107,11 +119,17 @@ def main():
     n_steps, repeats = (150, 2) if args.quick else (400, 3)
 
     results = {"machine": f"{platform.processor() or platform.machine()}", "env": {}}
-    print(f"{'N':>3} {'raw env':>10} {'fdqn env':>10} {'rollout':>10}   agent steps/s (median)")
+    print(
+        f"{'N':>3} {'raw env':>10} {'fdqn env':>10} {'rollout eps=1':>14} "
+        f"{'rollout eps=0.05':>17}   agent steps/s (median)"
+    )
     for n in sizes:
         r = bench_envs(n, n_steps, repeats)
         results["env"][n] = r
-        print(f"{n:>3} {r['raw_env']:>10.0f} {r['fdqn_env']:>10.0f} {r['rollout']:>10.0f}")
+        print(
+            f"{n:>3} {r['raw_env']:>10.0f} {r['fdqn_env']:>10.0f} "
+            f"{r['rollout_random']:>14.0f} {r['rollout']:>17.0f}"
+        )
     replay = bench_replay()
     results.update(replay)
     for k, v in replay.items():

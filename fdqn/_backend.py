@@ -35,16 +35,14 @@ def ensure_jax_backend() -> None:
     os.environ["KERAS_BACKEND"] = "jax"
 
 
-# XLA:CPU flags fdqn sets when the user has not set XLA_FLAGS: every matrix
-# product runs as its own YNNPACK call. ("dot", which also lets YNNPACK swallow
-# the convolutions feeding a product, was slower for the CNNs here: the target
-# network's forward pass became one YNNPACK fusion at about half the speed of
-# XLA's own convolutions.) With this flag updates are about 1.3x (Nature CNN)
-# to 1.6x (notebook network) faster than with XLA's defaults
-# (benchmarks/compare.py, benchmarks/results/compare.txt); tests/test_backend.py
-# checks Q-values, losses and gradients stay within float32 tolerance of XLA's
-# default path.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+# XLA:CPU flags fdqn sets when the user has not set XLA_FLAGS: an empty list
+# of YNNPACK fusions. By default jaxlib 0.10 hands convolutions and matrix
+# products to YNNPACK, which runs the convolutions of the Nature and notebook
+# networks at about half the speed of XLA's own (Eigen) kernels; with the flag
+# updates are about 1.7x faster (benchmarks/compare.py,
+# benchmarks/results/compare.txt). tests/test_backend.py checks Q-values,
+# losses and gradients stay within float32 tolerance of XLA's default path.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
 # jaxlib releases the flags were measured and tested with. XLA aborts the
 # process on a flag it does not know, and YNNPACK fusions have had
 # miscompilations in other releases, so other versions get XLA's defaults.

@@ -111,3 +111,20 @@ def test_xla_flags_keep_results_within_float32_tolerance(tmp_path):
         np.testing.assert_allclose(
             ours[key], default[key], rtol=1e-4, atol=1e-4 * scale, err_msg=key
         )
+
+
+COMPILED = """
+import jax, numpy as np, fdqn
+q_fn, params = fdqn.pure_q_fn(fdqn.nature_cnn(4))
+obs = np.zeros((8, 4, 84, 84), np.uint8)
+print("__ynn_fusion" in jax.jit(q_fn).lower(params, obs).compile().as_text())
+"""
+
+
+@pytest.mark.skipif(not ON_TESTED_CPU, reason="fdqn sets XLA flags only on tested CPU jaxlibs")
+def test_xla_flags_keep_convolutions_out_of_ynnpack():
+    # XLA's default hands the convolutions to YNNPACK; fdqn's flags keep them on XLA's own kernels
+    default, ours = run(COMPILED, XLA_FLAGS=""), run(COMPILED)
+    assert default.returncode == 0 and ours.returncode == 0, default.stderr + ours.stderr
+    assert default.stdout.strip() == "True"
+    assert ours.stdout.strip() == "False"
