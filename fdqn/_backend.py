@@ -39,7 +39,7 @@ def ensure_jax_backend() -> None:
 # of YNNPACK fusions. By default jaxlib 0.10 hands convolutions and matrix
 # products to YNNPACK, which runs the convolutions of the Nature and notebook
 # networks at about half the speed of XLA's own (Eigen) kernels; with the flag
-# updates are about 1.7x faster (benchmarks/compare.py,
+# updates are about 1.6x faster (benchmarks/compare.py,
 # benchmarks/results/compare.txt). tests/test_backend.py checks Q-values,
 # losses and gradients stay within float32 tolerance of XLA's default path.
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
