@@ -4,7 +4,10 @@ For the Nature CNN (batch 32, Adam) and the notebook's network (batch 64,
 RMSProp, raw pixels): one ``fdqn.update`` and one ``fdqn.select_actions`` call
 for 8 observations, with ``space_to_depth=False`` (``keras.layers.Conv2D``) and
 ``True`` (``fdqn.SpaceToDepthConv2D``, same weights), all four in one process,
-alternating (A B C D A B ...) over rounds; medians. All run under whatever XLA
+alternating (A B C D A B ...) over rounds; medians. Then, for each strided
+convolution of the two networks whose input gradient an update needs, the time
+of that gradient alone: XLA's (``jax.lax.conv_general_dilated``) against
+``fdqn.networks.strided_conv``'s, alternating. All run under whatever XLA
 flags the process has (fdqn's CPU defaults unless XLA_FLAGS is set). The last
 line of output is one JSON object.
 
@@ -12,12 +15,14 @@ line of output is one JSON object.
 """
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import fdqn
@@ -40,6 +45,51 @@ def random_batch(rng, size):
         next_obs=rng.integers(0, 256, (size, 4, 84, 84), dtype=np.uint8),
         terminated=rng.random(size) < 0.1,
     )
+
+
+# (network, batch, input height/width, channels, filters, kernel, stride) of
+# the strided convolutions that are not a network's first layer
+LAYERS = [
+    ("nature/conv2", 32, 20, 32, 64, 4, 2),
+    ("notebook/conv2", 64, 40, 16, 32, 5, 2),
+    ("notebook/conv3", 64, 18, 32, 32, 5, 2),
+]
+
+
+def input_gradient_ms(rounds: int) -> dict:
+    rng = np.random.default_rng(1)
+    fns, args = {}, {}
+    for name, batch, size, channels, filters, kernel, stride in LAYERS:
+        x = jnp.asarray(rng.normal(size=(batch, size, size, channels)).astype(np.float32))
+        w = jnp.asarray(rng.normal(size=(kernel, kernel, channels, filters)).astype(np.float32))
+        out = (size - kernel) // stride + 1
+        g = jnp.asarray(rng.normal(size=(batch, out, out, filters)).astype(np.float32))
+        strides = (stride, stride)
+
+        def xla(x, w, g, strides=strides):
+            conv = functools.partial(
+                jax.lax.conv_general_dilated,
+                window_strides=strides,
+                padding="VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
+            return jax.vjp(lambda v: conv(v, w), x)[1](g)[0]
+
+        def ours(x, w, g, strides=strides):
+            return jax.vjp(lambda v: fdqn.networks.strided_conv(v, w, strides), x)[1](g)[0]
+
+        for impl, fn in (("xla", xla), ("strided_conv", ours)):
+            fns[f"{name}/{impl}"], args[f"{name}/{impl}"] = jax.jit(fn), (x, w, g)
+            jax.block_until_ready(fns[f"{name}/{impl}"](x, w, g))  # compile
+    times = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(10):
+                out = fn(*args[key])
+            jax.block_until_ready(out)
+            times[key].append((time.perf_counter() - start) / 10 * 1000)
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def main() -> int:
@@ -84,6 +134,14 @@ def main() -> int:
     }
     for name, r in result.items():
         print(f"{name:>24}: update {r['update_ms']:.1f} ms, actions (8 obs) {r['act8_ms']:.2f} ms")
+    grads = input_gradient_ms(args.rounds)
+    for name, *_ in LAYERS:
+        xla, ours = grads[f"{name}/xla"], grads[f"{name}/strided_conv"]
+        print(
+            f"{name:>24}: input gradient {xla:.2f} ms (XLA) against {ours:.2f} ms "
+            f"(strided_conv), x{xla / ours:.2f}"
+        )
+    result["input_gradient_ms"] = grads
     print(json.dumps(result))
     return 0
 

@@ -92,7 +92,7 @@ def strided_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> j
     own strided convolutions. The gradient with respect to ``x`` is taken
     through the space-to-depth form of the same convolution, where it is a
     stride-1 convolution: XLA emits a convolution with a dilated input for it
-    otherwise, which XLA:CPU runs 2-4x slower (``benchmarks/space_to_depth.py``).
+    otherwise, which XLA:CPU runs 1.4-4x slower (``benchmarks/space_to_depth.py``).
 
     Args:
       x: ``(N, H, W, C)`` input.

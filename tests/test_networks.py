@@ -222,7 +222,9 @@ def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride,
     w = jnp.asarray(rng.normal(size=(*kernel, 3, 5)).astype(np.float32))
 
     def reference(x, w):
-        return jax.lax.conv_general_dilated(x, w, stride, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.lax.conv_general_dilated(
+            x, w, stride, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
 
     def ours(x, w):
         return fdqn.networks.strided_conv(x, w, stride)
