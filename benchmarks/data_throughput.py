@@ -47,15 +47,15 @@ def bench_envs(num_envs, n_steps, repeats):
     raw.reset(seed=0)
     wrapped = envs.make("breakout", num_envs)
     wrapped.reset(seed=0)
-    memory = fdqn.ReplayMemory(
-        max(100_000, num_envs), num_envs, (4, 84, 84), np.uint8, frame_stack=4
-    )
     q_fn, params = fdqn.pure_q_fn(fdqn.nature_cnn(4))
-    rollout = fdqn.Rollout(envs.make("breakout", num_envs), q_fn, memory, seed=0)
-    random_memory = fdqn.ReplayMemory(
-        max(100_000, num_envs), num_envs, (4, 84, 84), np.uint8, frame_stack=4
-    )
-    random_rollout = fdqn.Rollout(envs.make("breakout", num_envs), q_fn, random_memory, seed=1)
+
+    def new_rollout(seed):
+        memory = fdqn.ReplayMemory(
+            max(100_000, num_envs), num_envs, (4, 84, 84), np.uint8, frame_stack=4
+        )
+        return fdqn.Rollout(envs.make("breakout", num_envs), q_fn, memory, seed=seed)
+
+    rollout, random_rollout = new_rollout(0), new_rollout(1)
 
     def raw_step():
         raw.step(rng.integers(0, 4, num_envs, dtype=np.int32))
