@@ -148,8 +148,11 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
         return strided_conv(inputs, kernel, tuple(int(s) for s in self.strides))
 
 
-def _default_space_to_depth() -> bool:
-    return jax.default_backend() == "cpu"
+def _strided_conv_layer(space_to_depth: bool | None) -> type[keras.layers.Conv2D]:
+    """The layer class for strided convolutions; ``None`` picks SpaceToDepthConv2D on the CPU."""
+    if space_to_depth is None:
+        space_to_depth = jax.default_backend() == "cpu"
+    return SpaceToDepthConv2D if space_to_depth else keras.layers.Conv2D
 
 
 def _pixel_stem(obs_shape: Sequence[int], scale_obs: bool) -> list[keras.layers.Layer]:
@@ -192,9 +195,7 @@ def nature_cnn(
       ``(N, *obs_shape)`` to float32 ``(N, num_actions)``.
     """
     _check_num_actions(num_actions)
-    if space_to_depth is None:
-        space_to_depth = _default_space_to_depth()
-    conv = SpaceToDepthConv2D if space_to_depth else keras.layers.Conv2D
+    conv = _strided_conv_layer(space_to_depth)
     return keras.Sequential(
         [
             *_pixel_stem(obs_shape, scale_obs=True),
@@ -237,9 +238,7 @@ def notebook_cnn(
       the notebook's ``tf.keras`` model, so weights carry over unchanged.
     """
     _check_num_actions(num_actions)
-    if space_to_depth is None:
-        space_to_depth = _default_space_to_depth()
-    conv = SpaceToDepthConv2D if space_to_depth else keras.layers.Conv2D
+    conv = _strided_conv_layer(space_to_depth)
     return keras.Sequential(
         [
             *_pixel_stem(obs_shape, scale_obs=scale_obs),
