@@ -1,13 +1,15 @@
 """Replay memory against a naive reference that stores whole transitions."""
 
 import collections
+import mmap
+import os
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fdqn import ReplayMemory
+from fdqn import ReplayMemory, replay
 
 FRAME = 3  # elements per frame: small, unique per (env, step)
 
@@ -80,13 +82,12 @@ def key(obs, action, reward, next_obs, terminated):
             bool(terminated))  # fmt: skip
 
 
-def run(num_envs, capacity, lengths, stack, steps, seed=0):
+def run(num_envs, capacity, lengths, stack, steps, seed=0, prefault=True):
     """Feeds the same stream to the memory and to the naive reference."""
     env = FakeVectorEnv(num_envs, lengths, stack, seed)
     obs_shape = (stack, FRAME) if stack else (FRAME,)
-    memory = ReplayMemory(
-        capacity, num_envs, obs_shape, np.uint8 if stack else np.float32, stack or None, seed
-    )
+    dtype = np.uint8 if stack else np.float32
+    memory = ReplayMemory(capacity, num_envs, obs_shape, dtype, stack or None, seed, prefault)
     per_env = capacity // num_envs
     # naive reference: per env, the last per_env steps, each a whole transition or None
     reference = [collections.deque(maxlen=per_env) for _ in range(num_envs)]
@@ -186,6 +187,44 @@ def test_bytes_per_atari_transition_under_target():
     memory = ReplayMemory(capacity, 8, (4, 84, 84), np.uint8, frame_stack=4)
     per_transition = memory.nbytes() / capacity
     assert per_transition <= 7300, per_transition  # a whole (obs, next_obs) pair is 56,448 bytes
+
+
+@pytest.mark.parametrize("stack", [0, 4])
+def test_prefault_changes_no_contents(stack):
+    a, _ = run(3, 60, [[5], [7], [2]], stack, 90, seed=4, prefault=True)
+    b, _ = run(3, 60, [[5], [7], [2]], stack, 90, seed=4, prefault=False)
+    assert len(a) == len(b) > 30
+    for x, y in zip(a.sample(30), b.sample(30)):
+        np.testing.assert_array_equal(x, y)
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(
+    not hasattr(mmap, "MAP_POPULATE") or not os.path.exists("/proc/self/statm"),
+    reason="prefaulting needs Linux (MAP_POPULATE, /proc)",
+)
+def test_prefault_maps_the_observation_store_up_front():
+    size = 64 * 2**20
+    before = _resident_bytes()
+    eager = ReplayMemory(8 * 1024, 8, (4, 64, 128), np.uint8, frame_stack=4)
+    grown = _resident_bytes() - before
+    assert eager._frames.nbytes >= size
+    assert grown >= 0.9 * eager._frames.nbytes, (grown, eager._frames.nbytes)
+    assert not eager._frames.any() and eager._frames.flags.writeable
+    before = _resident_bytes()
+    lazy = ReplayMemory(8 * 1024, 8, (4, 64, 128), np.uint8, frame_stack=4, prefault=False)
+    assert _resident_bytes() - before < 0.1 * lazy._frames.nbytes
+
+
+def test_memory_larger_than_available_ram_is_refused(monkeypatch):
+    monkeypatch.setattr(replay, "available_memory", lambda: 2**30)
+    with pytest.raises(ValueError, match=r"capacity 1,000,000 needs 6.\d\d GiB .* only 1.00 GiB"):
+        ReplayMemory(1_000_000, 8, (4, 84, 84), np.uint8, frame_stack=4)
+    ReplayMemory(1_000_000, 8, (4, 84, 84), np.uint8, frame_stack=4, prefault=False)  # lazy
 
 
 def test_save_and_load_round_trip(tmp_path):
