@@ -16,20 +16,20 @@ What each field means, for Atari and classic control alike:
   (``terminal_on_life_loss``) while the game, and its score, go on.
 - ``info["episode"]`` / ``info["_episode"]``: on the step a game ends, its true
   score (sum of unclipped rewards over all lives) and length in agent steps,
-  as gymnasium's ``RecordEpisodeStatistics`` records them.
+  in the fields of gymnasium's ``RecordEpisodeStatistics``.
 
 One agent step on Atari is ``frameskip`` (4) emulator frames.
 """
 
 import dataclasses
 import re
+import time
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from ale_py import roms
 from ale_py.vector_env import AtariVectorEnv
-from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
 STICKY_V5 = 0.25
 
@@ -116,6 +116,50 @@ class _LifeLossInfo(gym.vector.VectorWrapper):
         lives = np.asarray(info["lives"])
         info["life_lost"] = lives < self._lives
         self._lives = lives.copy()
+        return obs, reward, terminated, truncated, info
+
+
+class _EpisodeStatistics(gym.vector.VectorWrapper):
+    """Adds ``info["episode"]`` and ``info["_episode"]`` on the steps games end.
+
+    The fields and meaning of gymnasium's ``RecordEpisodeStatistics`` for a
+    next-step-autoreset env (``"r"``: sum of rewards, ``"l"``: length in
+    steps, ``"t"``: seconds, each where ``"_episode"`` is True, zeros
+    elsewhere), with a fraction of its per-step work: on most steps no
+    environment ends or resets and the counters advance with two additions.
+    """
+
+    def reset(self, *, seed=None, options=None):
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._returns = np.zeros(self.num_envs)
+        self._lengths = np.zeros(self.num_envs, np.int64)
+        self._starts = np.full(self.num_envs, time.perf_counter())
+        self._ended = np.zeros(self.num_envs, bool)
+        return obs, info
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        if np.count_nonzero(self._ended):  # this step only reset those envs: their counts restart
+            restart = self._ended
+            self._returns[restart] = 0.0
+            self._lengths[restart] = 0
+            self._starts[restart] = time.perf_counter()
+            self._returns[~restart] += reward[~restart]
+            self._lengths[~restart] += 1
+        else:
+            self._returns += reward
+            self._lengths += 1
+        self._ended = ended = np.logical_or(terminated, truncated)
+        if np.count_nonzero(ended):
+            if "episode" in info or "_episode" in info:
+                raise ValueError("info already has episode statistics: wrap the env only once")
+            seconds = np.round(time.perf_counter() - self._starts, 6)
+            info["episode"] = {
+                "r": np.where(ended, self._returns, 0.0),
+                "l": np.where(ended, self._lengths, 0),
+                "t": np.where(ended, seconds, 0.0),
+            }
+            info["_episode"] = ended
         return obs, reward, terminated, truncated, info
 
 
@@ -212,10 +256,10 @@ def make(
             reward_clipping=False,
             use_fire_reset=True,
         )
-        return _LearningReward(RecordEpisodeStatistics(_LifeLossInfo(env)), clip=clip_rewards)
+        return _LearningReward(_EpisodeStatistics(_LifeLossInfo(env)), clip=clip_rewards)
     check_env_id(env_id)
     env = gym.make_vec(env_id, num_envs=int(num_envs), vectorization_mode="sync")
-    return _LearningReward(_NoLives(RecordEpisodeStatistics(env)), clip=False)
+    return _LearningReward(_NoLives(_EpisodeStatistics(env)), clip=False)
 
 
 def episode_stats(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -223,28 +223,33 @@ class ReplayMemory:
             raise RuntimeError("call start(obs) with the first observations before add()")
         frame = self._frame_of(next_obs, "next_obs")
         autoreset = np.zeros(self.num_envs, bool) if autoreset is None else autoreset
-        columns = {
-            "action": (action, np.integer),
-            "reward": (reward, np.number),
-            "terminated": (terminated, np.bool_),
-            "autoreset": (autoreset, np.bool_),
-        }
-        checked = {}
-        for name, (value, kind) in columns.items():
-            value = np.asarray(value)
-            if value.shape != (self.num_envs,):
-                raise ValueError(f"{name} must have shape ({self.num_envs},), got {value.shape}")
-            if not np.issubdtype(value.dtype, kind):
-                raise ValueError(f"{name} must have a {kind.__name__} dtype, got {value.dtype}")
-            checked[name] = value
-        keep = ~checked["autoreset"]
+        action = self._column("action", action, "iu", "integer")
+        reward = self._column("reward", reward, "iufc", "number")
+        terminated = self._column("terminated", terminated, "b", "bool")
+        autoreset = self._column("autoreset", autoreset, "b", "bool")
         slot = (self._writes - 1) % self.slots
-        self._action[keep, slot] = checked["action"][keep]
-        self._reward[keep, slot] = checked["reward"][keep]
-        self._terminated[keep, slot] = checked["terminated"][keep]
-        self._valid[keep, slot] = True
-        self._size += int(np.count_nonzero(keep))
-        self._write(frame, checked["autoreset"])
+        if np.count_nonzero(autoreset):
+            keep = ~autoreset
+            self._action[keep, slot] = action[keep]
+            self._reward[keep, slot] = reward[keep]
+            self._terminated[keep, slot] = terminated[keep]
+            self._valid[keep, slot] = True
+            self._size += int(np.count_nonzero(keep))
+        else:  # the usual step: every environment stores a transition
+            self._action[:, slot] = action
+            self._reward[:, slot] = reward
+            self._terminated[:, slot] = terminated
+            self._valid[:, slot] = True
+            self._size += self.num_envs
+        self._write(frame, autoreset)
+
+    def _column(self, name: str, value, kinds: str, kind_name: str) -> np.ndarray:
+        value = np.asarray(value)
+        if value.shape != (self.num_envs,):
+            raise ValueError(f"{name} must have shape ({self.num_envs},), got {value.shape}")
+        if value.dtype.kind not in kinds:
+            raise ValueError(f"{name} must have a {kind_name} dtype, got {value.dtype}")
+        return value
 
     # -- reading ---------------------------------------------------------------
 

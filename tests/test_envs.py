@@ -1,7 +1,9 @@
 """Atari and classic-control environments through fdqn.envs.make."""
 
+import gymnasium as gym
 import numpy as np
 import pytest
+from ale_py.vector_env import AtariVectorEnv
 
 import fdqn
 from fdqn import envs
@@ -184,3 +186,33 @@ def test_atari_through_rollout_and_replay_matches_env_observations():
     for o, n in zip(batch.obs, batch.next_obs):
         assert (o.tobytes(), n.tobytes()) in seen
     assert rollout.agent_steps == 800
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "breakout"])
+def test_episode_statistics_match_gymnasiums_wrapper(env_id):
+    """fdqn's lean statistics give what gymnasium's RecordEpisodeStatistics gives."""
+    from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+    num_envs, steps = 3, 600 if env_id == "CartPole-v1" else 400
+    if env_id == "breakout":  # short games (time limit) and raw rewards, as the wrapper sees them
+        make_base = lambda: AtariVectorEnv(  # noqa: E731
+            "breakout", num_envs, max_num_frames_per_episode=500, reward_clipping=False
+        )
+    else:
+        make_base = lambda: gym.make_vec(env_id, num_envs=num_envs)  # noqa: E731
+    ours, theirs = envs._EpisodeStatistics(make_base()), RecordEpisodeStatistics(make_base())
+    ours.reset(seed=5)
+    theirs.reset(seed=5)
+    rng = np.random.default_rng(0)
+    ended = 0
+    for _ in range(steps):
+        actions = rng.integers(0, int(ours.single_action_space.n), num_envs)
+        *_, info = ours.step(actions)
+        *_, reference = theirs.step(actions)
+        assert ("_episode" in info) == ("_episode" in reference)
+        if "_episode" in info:
+            np.testing.assert_array_equal(info["_episode"], reference["_episode"])
+            for field in ("r", "l"):
+                np.testing.assert_array_equal(info["episode"][field], reference["episode"][field])
+            ended += int(info["_episode"].sum())
+    assert ended >= 5  # the comparison covered several game ends and the resets after them
