@@ -19,6 +19,10 @@ What each field means, for Atari and classic control alike:
   in the fields of gymnasium's ``RecordEpisodeStatistics``.
 
 One agent step on Atari is ``frameskip`` (4) emulator frames.
+
+A step can also be taken in two halves, ``env.send(actions)`` then
+``env.recv()``: Atari environments step on ale-py's threads in between, while
+the caller does other work.
 """
 
 import dataclasses
@@ -102,7 +106,45 @@ def is_atari(env_id: str) -> bool:
     return parse_atari_id(env_id) is not None
 
 
-class _LifeLossInfo(gym.vector.VectorWrapper):
+class _StepWrapper(gym.vector.VectorWrapper):
+    """A wrapper that edits each step's outputs, for whole steps and for split ones.
+
+    ``send(actions)`` starts a step and ``recv()`` finishes it. In between,
+    ale-py's ``AtariVectorEnv`` runs the step on its own threads and the
+    caller is free to do other work (``fdqn.Rollout`` runs the learner's
+    updates there). Environments that cannot split a step (gymnasium's
+    synchronous vector envs) take the whole step at ``recv()``.
+    """
+
+    def __init__(self, env: gym.vector.VectorEnv):
+        super().__init__(env)
+        self._unsent = None  # actions of a split step, for envs that step whole
+
+    def _outputs(self, obs, reward, terminated, truncated, info):
+        """This wrapper's edit of a step's ``(obs, reward, terminated, truncated, info)``."""
+        raise NotImplementedError
+
+    def step(self, actions):
+        return self._outputs(*self.env.step(actions))
+
+    def send(self, actions) -> None:
+        """Starts a step with ``actions``; :meth:`recv` gives its outputs."""
+        if hasattr(self.env, "recv"):
+            self.env.send(actions)
+        else:
+            self._unsent = actions
+
+    def recv(self):
+        """Finishes the step :meth:`send` started; returns what :meth:`step` returns."""
+        if hasattr(self.env, "recv"):
+            return self._outputs(*self.env.recv())
+        if self._unsent is None:
+            raise RuntimeError("recv() without a send() before it")
+        actions, self._unsent = self._unsent, None
+        return self._outputs(*self.env.step(actions))
+
+
+class _LifeLossInfo(_StepWrapper):
     """Adds ``info["life_lost"]``: True where ``info["lives"]`` dropped on this step."""
 
     def reset(self, *, seed=None, options=None):
@@ -111,15 +153,14 @@ class _LifeLossInfo(gym.vector.VectorWrapper):
         info["life_lost"] = np.zeros(self.num_envs, bool)
         return obs, info
 
-    def step(self, actions):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
+    def _outputs(self, obs, reward, terminated, truncated, info):
         lives = np.asarray(info["lives"])
         info["life_lost"] = lives < self._lives
         self._lives = lives.copy()
         return obs, reward, terminated, truncated, info
 
 
-class _EpisodeStatistics(gym.vector.VectorWrapper):
+class _EpisodeStatistics(_StepWrapper):
     """Adds ``info["episode"]`` and ``info["_episode"]`` on the steps games end.
 
     The fields and meaning of gymnasium's ``RecordEpisodeStatistics`` for a
@@ -137,8 +178,7 @@ class _EpisodeStatistics(gym.vector.VectorWrapper):
         self._ended = np.zeros(self.num_envs, bool)
         return obs, info
 
-    def step(self, actions):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
+    def _outputs(self, obs, reward, terminated, truncated, info):
         if np.count_nonzero(self._ended):  # this step only reset those envs: their counts restart
             restart = self._ended
             self._returns[restart] = 0.0
@@ -163,7 +203,7 @@ class _EpisodeStatistics(gym.vector.VectorWrapper):
         return obs, reward, terminated, truncated, info
 
 
-class _NoLives(gym.vector.VectorWrapper):
+class _NoLives(_StepWrapper):
     """Gives environments without lives an all-False ``info["life_lost"]``."""
 
     def reset(self, *, seed=None, options=None):
@@ -171,13 +211,12 @@ class _NoLives(gym.vector.VectorWrapper):
         info["life_lost"] = np.zeros(self.num_envs, bool)
         return obs, info
 
-    def step(self, actions):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
+    def _outputs(self, obs, reward, terminated, truncated, info):
         info["life_lost"] = np.zeros(self.num_envs, bool)
         return obs, reward, terminated, truncated, info
 
 
-class _LearningReward(gym.vector.VectorWrapper):
+class _LearningReward(_StepWrapper):
     """Float32 rewards, clipped to their sign if asked; raw ones in ``info["raw_reward"]``."""
 
     def __init__(self, env: gym.vector.VectorEnv, clip: bool):
@@ -187,8 +226,7 @@ class _LearningReward(gym.vector.VectorWrapper):
     def reset(self, *, seed=None, options=None):
         return self.env.reset(seed=seed, options=options)
 
-    def step(self, actions):
-        obs, reward, terminated, truncated, info = self.env.step(actions)
+    def _outputs(self, obs, reward, terminated, truncated, info):
         info["raw_reward"] = reward
         reward = np.sign(reward) if self._clip else reward
         return obs, np.asarray(reward, np.float32), terminated, truncated, info

@@ -3,7 +3,8 @@
 Each :meth:`Rollout.step` is one jit-compiled call that computes the Q-values
 and actions of all environments (and advances the PRNG key), one step of the
 vector env, and one batched write to the replay memory. No per-environment
-Python loop.
+Python loop. Other work (the learner's updates) can run while the
+environments step.
 
 Counting: one *agent step* is one step of one environment (``frameskip``
 emulator frames on Atari). A step of ``num_envs`` environments is
@@ -80,12 +81,19 @@ class Rollout:
         """Which environments ended a game on the last step (the next step resets them)."""
         return self._ended.copy()
 
-    def step(self, params: Any, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+    def step(
+        self, params: Any, epsilon: float, during: Callable[[], None] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Acts in every environment once and records the transitions.
 
         Args:
           params: parameters for ``q_fn``.
           epsilon: exploration rate; at 1 the network is not evaluated.
+          during: called once while the environments step, after the actions
+            are chosen and before this step's transitions reach the replay
+            memory (the training loop runs its updates there: with ale-py's
+            vector env the emulators step on their own threads meanwhile).
+            Envs without ``send``/``recv`` step first, then call it.
 
         Returns:
           ``(scores, lengths)`` of the games that ended on this step: true
@@ -96,7 +104,21 @@ class Rollout:
         else:
             self.key, actions = _act(self.q_fn, params, self.key, self.obs, epsilon)
             actions = np.asarray(actions)
-        next_obs, reward, terminated, truncated, info = self.env.step(actions)
+        if during is None:
+            return self._record(actions, *self.env.step(actions))
+        if not hasattr(self.env, "recv"):
+            outputs = self.env.step(actions)
+            during()
+            return self._record(actions, *outputs)
+        self.env.send(actions)
+        try:
+            during()
+        finally:  # even if ``during`` fails, the step is finished and recorded
+            outputs = self.env.recv()
+            stats = self._record(actions, *outputs)
+        return stats
+
+    def _record(self, actions, next_obs, reward, terminated, truncated, info):
         if self.memory is not None:
             terminal = terminated
             if self.terminal_on_life_loss:

@@ -298,24 +298,34 @@ def run_until(
             )
             return "interrupted"
         epsilon = float(schedule(rollout.agent_steps))
-        scores, lengths = rollout.step(run.state.params, epsilon)
-        step = rollout.agent_steps
+        step = rollout.agent_steps + rollout.num_envs  # the count once this step is taken
+        learning = step >= config.learning_starts
 
-        if step >= config.learning_starts and len(memory) >= config.batch_size:
+        def learn(step=step):
+            """The updates due by ``step``; they run while the environments step."""
+            if len(memory) < config.batch_size:
+                return
             due = (step - config.learning_starts) // config.train_every + 1
             if step < run.refill_until:
                 counters.updates_skipped = due - counters.updates
             while counters.updates + counters.updates_skipped < due:
-                run.state, metrics = update(
+                run.state, run.metrics = update(
                     run.state, memory.sample(config.batch_size), **loss_kwargs
                 )
                 counters.updates += 1
-                run.metrics = metrics
-            if config.target_update_unit == "steps" and step // config.target_update > (
-                counters.target_syncs
-            ):
-                run.state = sync_target(run.state, config.tau)
-                counters.target_syncs = step // config.target_update
+
+        # acting uses the parameters of the updates so far; this step's updates
+        # sample the transitions of the steps before it
+        scores, lengths = rollout.step(run.state.params, epsilon, learn if learning else None)
+        metrics = run.metrics
+        if (
+            learning
+            and len(memory) >= config.batch_size
+            and config.target_update_unit == "steps"
+            and step // config.target_update > counters.target_syncs
+        ):
+            run.state = sync_target(run.state, config.tau)
+            counters.target_syncs = step // config.target_update
 
         if len(scores) and metrics is not None:
             reporter.learner = _fetch(metrics, step)

@@ -216,3 +216,28 @@ def test_episode_statistics_match_gymnasiums_wrapper(env_id):
                 np.testing.assert_array_equal(info["episode"][field], reference["episode"][field])
             ended += int(info["_episode"].sum())
     assert ended >= 5  # the comparison covered several game ends and the resets after them
+
+
+@pytest.mark.parametrize("env_id", ["breakout", "CartPole-v1"])
+def test_split_steps_give_what_whole_steps_give(env_id):
+    whole, split = envs.make(env_id, 2), envs.make(env_id, 2)
+    for env in (whole, split):
+        env.reset(seed=3)
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        actions = rng.integers(0, int(whole.single_action_space.n), 2)
+        expected = whole.step(actions)
+        split.send(actions)
+        got = split.recv()
+        for a, b in zip(got[:4], expected[:4]):
+            np.testing.assert_array_equal(a, b)
+        assert got[4].keys() == expected[4].keys()
+        np.testing.assert_array_equal(got[4]["life_lost"], expected[4]["life_lost"])
+        np.testing.assert_array_equal(got[4]["raw_reward"], expected[4]["raw_reward"])
+
+
+def test_recv_without_send_is_an_error():
+    env = envs.make("CartPole-v1", 1)
+    env.reset(seed=0)
+    with pytest.raises(RuntimeError, match="recv\\(\\) without a send\\(\\)"):
+        env.recv()

@@ -75,3 +75,66 @@ def test_life_loss_not_terminal_when_disabled():
         rollout.step(1.0, epsilon=1.0)
     terminal = np.array([c[1] for c in memory.calls if c[0] == "add"])
     assert not terminal.any()
+
+
+class SplitScriptedEnv(ScriptedEnv):
+    """ScriptedEnv whose steps can be split into send and recv, logging the order of calls."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def send(self, actions):
+        self.log.append("send")
+        self._actions = actions
+
+    def recv(self):
+        self.log.append("recv")
+        return self.step(self._actions)
+
+
+class LoggingMemory(RecordingMemory):
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+
+    def add(self, *args):
+        self.log.append("add")
+        super().add(*args)
+
+
+def test_work_during_a_step_runs_between_send_and_the_replay_write():
+    log = []
+    rollout = Rollout(SplitScriptedEnv(log), q_fn, LoggingMemory(log), seed=0)
+    plain = Rollout(ScriptedEnv(), q_fn, RecordingMemory(), seed=0)
+    for _ in range(5):
+        rollout.step(1.0, epsilon=0.0, during=lambda: log.append("during"))
+        plain.step(1.0, epsilon=0.0)
+    assert log == ["send", "during", "recv", "add"] * 5
+    for ours, reference in zip(rollout.memory.calls, plain.memory.calls):  # same transitions
+        assert all(np.array_equal(a, b) for a, b in zip(ours[1:], reference[1:]))
+    assert rollout.agent_steps == plain.agent_steps == 10
+
+
+def test_a_failing_during_still_finishes_and_records_the_step():
+    log = []
+    rollout = Rollout(SplitScriptedEnv(log), q_fn, LoggingMemory(log), seed=0)
+
+    def fail():
+        raise RuntimeError("update failed")
+
+    try:
+        rollout.step(1.0, epsilon=0.0, during=fail)
+    except RuntimeError as e:
+        assert str(e) == "update failed"
+    else:
+        raise AssertionError("the exception of during() was swallowed")
+    assert log == ["send", "recv", "add"] and rollout.agent_steps == 2
+
+
+def test_during_runs_after_the_step_for_envs_that_cannot_split_it():
+    memory = RecordingMemory()
+    rollout = Rollout(ScriptedEnv(), q_fn, memory, seed=0)
+    seen = []
+    rollout.step(1.0, epsilon=0.0, during=lambda: seen.append(len(memory.calls)))
+    assert seen == [1] and len(memory.calls) == 2  # start only, then the step's add
