@@ -208,6 +208,7 @@ def train(
     resume: bool = False,
     stream: Any = None,
     stop_at: int | None = None,
+    run: Run | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) training; returns a summary.
 
@@ -224,8 +225,9 @@ def train(
       stream: where progress goes (stderr by default).
       stop_at: stop (with a checkpoint) at this agent step, short of
         ``total_steps``; for tests of resumption.
+      run: what ``build(config)`` returned, if the caller built it already.
     """
-    run = build(config)
+    run = run if run is not None else build(config)
     out = stream or sys.stderr
     if resume:
         path = checkpoint.latest_checkpoint(run_dir)
@@ -461,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                     f"or choose another --run-dir"
                 )
+        run = build(config)  # before anything is written: a replay memory too large fails here
     except ValueError as e:  # ConfigError included
         return fail(str(e))
 
@@ -470,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(dataclasses.asdict(config), f, indent=2)
     print(f"fdqn.train: {config.env}, run directory {run_dir}", file=sys.stderr)
     try:
-        summary = train(config, run_dir, resume=resume_dir is not None)
+        summary = train(config, run_dir, resume=resume_dir is not None, run=run)
     except NonFiniteLoss as e:
         last = checkpoint.latest_checkpoint(run_dir)
         print(

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from fdqn import checkpoint, train
+from fdqn import checkpoint, replay, train
 from fdqn.config import Config, ConfigError, preset
 from fdqn.evaluate import evaluate, load_run
 
@@ -86,6 +86,18 @@ def test_bad_input_one_line_exit_2_and_nothing_written(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1, lines
     assert message in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_replay_memory_larger_than_the_ram_is_one_line_and_nothing_written(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(replay, "available_memory", lambda: 1_000)
+    code = train.main(["--preset", "cartpole", "--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "replay memory of capacity 50,000 needs" in lines[0] and "buffer_size" in lines[0]
     assert list(tmp_path.iterdir()) == []
 
 
