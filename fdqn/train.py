@@ -463,7 +463,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                     f"or choose another --run-dir"
                 )
-        run = build(config)  # before anything is written: a replay memory too large fails here
+        print(f"fdqn.train: {config.env}, run directory {run_dir}", file=sys.stderr)
+        # built before anything is written, so that a replay memory larger than the RAM
+        # fails here; mapping the memory takes seconds per GiB on some machines
+        run = build(config)
     except ValueError as e:  # ConfigError included
         return fail(str(e))
 
@@ -471,7 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     if resume_dir is None:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f, indent=2)
-    print(f"fdqn.train: {config.env}, run directory {run_dir}", file=sys.stderr)
     try:
         summary = train(config, run_dir, resume=resume_dir is not None, run=run)
     except NonFiniteLoss as e:

@@ -96,8 +96,8 @@ def test_replay_memory_larger_than_the_ram_is_one_line_and_nothing_written(
     code = train.main(["--preset", "cartpole", "--run-dir", str(tmp_path / "run")])
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert "replay memory of capacity 50,000 needs" in lines[0] and "buffer_size" in lines[0]
+    assert len(lines) == 2 and lines[0].startswith("fdqn.train: CartPole-v1, run"), lines
+    assert "replay memory of capacity 50,000 needs" in lines[1] and "buffer_size" in lines[1]
     assert list(tmp_path.iterdir()) == []
 
 
