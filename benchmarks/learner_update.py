@@ -20,8 +20,8 @@ import sys
 FLAG_SETS = {
     "default": "",  # jaxlib 0.10: convolutions and dots in YNNPACK
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
-    "ynn_each_dot": "--xla_cpu_experimental_ynn_fusion_type=individual_dot",
-    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",  # what fdqn sets on CPU
+    "ynn_each_dot": "--xla_cpu_experimental_ynn_fusion_type=individual_dot",  # fdqn on CPU
+    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",  # fdqn on CPU before
 }
 
 WORKER = r"""

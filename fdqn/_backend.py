@@ -35,14 +35,16 @@ def ensure_jax_backend() -> None:
     os.environ["KERAS_BACKEND"] = "jax"
 
 
-# XLA:CPU flags fdqn sets when the user has not set XLA_FLAGS: an empty list
-# of YNNPACK fusions. By default jaxlib 0.10 hands convolutions and matrix
-# products to YNNPACK, which runs the convolutions of the Nature and notebook
-# networks at about half the speed of XLA's own (Eigen) kernels; with the flag
-# updates are about 1.6x faster (benchmarks/compare.py,
-# benchmarks/results/compare.txt). tests/test_backend.py checks Q-values,
-# losses and gradients stay within float32 tolerance of XLA's default path.
-CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type="
+# XLA:CPU flags fdqn sets when the user has not set XLA_FLAGS: YNNPACK fusions
+# for single matrix products only. By default jaxlib 0.10 hands convolutions
+# and matrix products to YNNPACK, which runs the convolutions of the Nature and
+# notebook networks at about half the speed of XLA's own (Eigen) kernels;
+# without YNNPACK at all, products with a transposed operand (a dense layer's
+# input gradient) run 2.6x slower than in YNNPACK. With the flag, updates are
+# about 1.6-1.7x faster than with the defaults (benchmarks/compare.py,
+# benchmarks/learner_update.py). tests/test_backend.py checks Q-values, losses
+# and gradients stay within float32 tolerance of XLA's default path.
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 # jaxlib releases the flags were measured and tested with. XLA aborts the
 # process on a flag it does not know, and YNNPACK fusions have had
 # miscompilations in other releases, so other versions get XLA's defaults.

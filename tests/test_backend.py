@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -113,18 +114,28 @@ def test_xla_flags_keep_results_within_float32_tolerance(tmp_path):
         )
 
 
-COMPILED = """
+COMPILED = r"""
+import json, re
 import jax, numpy as np, fdqn
 q_fn, params = fdqn.pure_q_fn(fdqn.nature_cnn(4))
 obs = np.zeros((8, 4, 84, 84), np.uint8)
-print("__ynn_fusion" in jax.jit(q_fn).lower(params, obs).compile().as_text())
+text = jax.jit(q_fn).lower(params, obs).compile().as_text()
+bodies = dict(re.findall(r"^%?(\S+) [^\n]*\{\n(.*?)\n\}", text, re.S | re.M))
+called = [c for line in text.splitlines() if "__ynn_fusion" in line
+          for c in re.findall(r"calls=%([\w.\-]+)", line)]
+print(json.dumps({
+    "convolutions": sum("convolution(" in bodies.get(c, "") for c in called),
+    "dots": sum(" dot(" in bodies.get(c, "") for c in called),
+}))
 """
 
 
 @pytest.mark.skipif(not ON_TESTED_CPU, reason="fdqn sets XLA flags only on tested CPU jaxlibs")
 def test_xla_flags_keep_convolutions_out_of_ynnpack():
-    # XLA's default hands the convolutions to YNNPACK; fdqn's flags keep them on XLA's own kernels
+    # XLA's default hands convolutions and dots to YNNPACK; fdqn's flags keep the convolutions
+    # on XLA's own kernels and give YNNPACK the dense layers' products, one fusion each
     default, ours = run(COMPILED, XLA_FLAGS=""), run(COMPILED)
     assert default.returncode == 0 and ours.returncode == 0, default.stderr + ours.stderr
-    assert default.stdout.strip() == "True"
-    assert ours.stdout.strip() == "False"
+    default, ours = json.loads(default.stdout), json.loads(ours.stdout)
+    assert default["convolutions"] == 3 and default["dots"] == 2, default
+    assert ours == {"convolutions": 0, "dots": 2}, ours
