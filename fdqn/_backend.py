@@ -40,7 +40,7 @@ def ensure_jax_backend() -> None:
 # and matrix products to YNNPACK, which runs the convolutions of the Nature and
 # notebook networks at about half the speed of XLA's own (Eigen) kernels;
 # without YNNPACK at all, products with a transposed operand (a dense layer's
-# input gradient) run 2.6x slower than in YNNPACK. With the flag, updates are
+# input gradient) run more than twice as slow as in YNNPACK. With the flag, updates are
 # about 1.6-1.7x faster than with the defaults (benchmarks/compare.py,
 # benchmarks/learner_update.py). tests/test_backend.py checks Q-values, losses
 # and gradients stay within float32 tolerance of XLA's default path.
