@@ -33,7 +33,6 @@ import statistics
 import time
 
 import numpy as np
-from ale_py.vector_env import AtariVectorEnv
 
 import fdqn
 from fdqn import envs
@@ -49,16 +48,7 @@ def time_steps(step, n_steps):
 
 def bench_envs(num_envs, n_steps, repeats):
     rng = np.random.default_rng(0)
-    raw = AtariVectorEnv(
-        "breakout",
-        num_envs,
-        repeat_action_probability=0.0,
-        noop_max=30,
-        frameskip=4,
-        stack_num=4,
-        use_fire_reset=True,
-        reward_clipping=False,
-    )
+    raw = envs.make("breakout", num_envs).unwrapped  # ale-py's env, made as fdqn makes it
     raw.reset(seed=0)
     wrapped = envs.make("breakout", num_envs)
     wrapped.reset(seed=0)
