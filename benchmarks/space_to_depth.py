@@ -7,7 +7,10 @@ for 8 observations, with ``space_to_depth=False`` (``keras.layers.Conv2D``) and
 alternating (A B C D A B ...) over rounds; medians. Then, for each strided
 convolution of the two networks whose input gradient an update needs, the time
 of that gradient alone: XLA's (``jax.lax.conv_general_dilated``) against
-``fdqn.networks.strided_conv``'s, alternating. All run under whatever XLA
+``fdqn.networks.strided_conv``'s, alternating; and for the two first layers,
+the forward pass alone, XLA's strided convolution against the space-to-depth
+form (``strided_conv(..., forward="space_to_depth")``, which the notebook
+network's first layer uses). All run under whatever XLA
 flags the process has (fdqn's CPU defaults unless XLA_FLAGS is set). The last
 line of output is one JSON object.
 
@@ -56,6 +59,42 @@ LAYERS = [
 ]
 
 
+# the first layers, whose forward pass can take the space-to-depth form
+FIRST_LAYERS = [
+    ("nature/conv1", 32, 84, 4, 32, 8, 4),
+    ("notebook/conv1", 64, 84, 4, 16, 5, 2),
+]
+
+
+def forward_ms(rounds: int) -> dict:
+    rng = np.random.default_rng(2)
+    fns, args = {}, {}
+    for name, batch, size, channels, filters, kernel, stride in FIRST_LAYERS:
+        x = jnp.asarray(rng.normal(size=(batch, size, size, channels)).astype(np.float32))
+        w = jnp.asarray(rng.normal(size=(kernel, kernel, channels, filters)).astype(np.float32))
+        for forward in ("direct", "space_to_depth"):
+            fn = functools.partial(
+                fdqn.networks.strided_conv, strides=(stride, stride), forward=forward
+            )
+            fns[f"{name}/{forward}"], args[f"{name}/{forward}"] = jax.jit(fn), (x, w)
+    return time_alternating(fns, args, rounds)
+
+
+def time_alternating(fns: dict, args: dict, rounds: int) -> dict:
+    """Median ms per call of each jitted function, A B C A B C ... over rounds."""
+    for key, fn in fns.items():
+        jax.block_until_ready(fn(*args[key]))  # compile
+    times = {key: [] for key in fns}
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(10):
+                out = fn(*args[key])
+            jax.block_until_ready(out)
+            times[key].append((time.perf_counter() - start) / 10 * 1000)
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
 def input_gradient_ms(rounds: int) -> dict:
     rng = np.random.default_rng(1)
     fns, args = {}, {}
@@ -80,16 +119,7 @@ def input_gradient_ms(rounds: int) -> dict:
 
         for impl, fn in (("xla", xla), ("strided_conv", ours)):
             fns[f"{name}/{impl}"], args[f"{name}/{impl}"] = jax.jit(fn), (x, w, g)
-            jax.block_until_ready(fns[f"{name}/{impl}"](x, w, g))  # compile
-    times = {key: [] for key in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(10):
-                out = fn(*args[key])
-            jax.block_until_ready(out)
-            times[key].append((time.perf_counter() - start) / 10 * 1000)
-    return {key: statistics.median(v) for key, v in times.items()}
+    return time_alternating(fns, args, rounds)
 
 
 def main() -> int:
@@ -142,6 +172,14 @@ def main() -> int:
             f"(strided_conv), x{xla / ours:.2f}"
         )
     result["input_gradient_ms"] = grads
+    forwards = forward_ms(args.rounds)
+    for name, *_ in FIRST_LAYERS:
+        direct, s2d = forwards[f"{name}/direct"], forwards[f"{name}/space_to_depth"]
+        print(
+            f"{name:>24}: forward {direct:.2f} ms (XLA's strided convolution) against "
+            f"{s2d:.2f} ms (space-to-depth form), x{direct / s2d:.2f}"
+        )
+    result["forward_ms"] = forwards
     print(json.dumps(result))
     return 0
 

@@ -83,33 +83,48 @@ def _space_to_depth_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, in
     return _direct_conv(x, kernel, (1, 1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def strided_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def strided_conv(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, int], forward: str = "direct"
+) -> jax.Array:
     """A 'valid' strided convolution (NHWC input, HWIO kernel) with a faster input gradient.
 
     Values, and both gradients, are those of ``jax.lax.conv_general_dilated``
-    up to float32 rounding. The forward pass and the kernel gradient are XLA's
-    own strided convolutions. The gradient with respect to ``x`` is taken
-    through the space-to-depth form of the same convolution, where it is a
-    stride-1 convolution: XLA emits a convolution with a dilated input for it
-    otherwise, which XLA:CPU runs 1.4-4x slower (``benchmarks/space_to_depth.py``).
+    up to float32 rounding. The kernel gradient is XLA's own. The gradient
+    with respect to ``x`` is taken through the space-to-depth form of the same
+    convolution, where it is a stride-1 convolution: XLA emits a convolution
+    with a dilated input for it otherwise, which XLA:CPU runs 1.4-4x slower
+    (``benchmarks/space_to_depth.py``).
 
     Args:
       x: ``(N, H, W, C)`` input.
       kernel: ``(kh, kw, C, F)`` kernel.
       strides: ``(sh, sw)``, static.
+      forward: how the forward pass is computed, static: ``"direct"`` (XLA's
+        strided convolution) or ``"space_to_depth"`` (the stride-1 form; on
+        XLA:CPU faster only for some shapes, such as a first layer with few
+        input channels and a kernel that is not a multiple of the stride).
 
     Returns:
       ``(N, (H - kh) // sh + 1, (W - kw) // sw + 1, F)``.
     """
-    return _direct_conv(x, kernel, strides)
+    return _forward_fn(forward)(x, kernel, strides)
 
 
-def _strided_conv_fwd(x, kernel, strides):
-    return _direct_conv(x, kernel, strides), (x, kernel)
+_FORWARDS = {"direct": _direct_conv, "space_to_depth": _space_to_depth_conv}
 
 
-def _strided_conv_bwd(strides, residuals, g):
+def _forward_fn(forward: str):
+    if forward not in _FORWARDS:
+        raise ValueError(f"forward must be one of {tuple(_FORWARDS)}, got {forward!r}")
+    return _FORWARDS[forward]
+
+
+def _strided_conv_fwd(x, kernel, strides, forward):
+    return _forward_fn(forward)(x, kernel, strides), (x, kernel)
+
+
+def _strided_conv_bwd(strides, forward, residuals, g):
     x, kernel = residuals
     (d_kernel,) = jax.vjp(lambda k: _direct_conv(x, k, strides), kernel)[1](g)
     (d_x,) = jax.vjp(lambda v: _space_to_depth_conv(v, kernel, strides), x)[1](g)
@@ -129,7 +144,20 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
     several times faster. Applies to ``padding="valid"``, ``channels_last``,
     no dilation, no groups, strides other than 1, on the JAX backend; other
     settings fall back to ``Conv2D``.
+
+    Args:
+      *args, **kwargs: those of ``keras.layers.Conv2D``.
+      forward: how the forward pass is computed, as in :func:`strided_conv`:
+        ``"direct"`` (the default) or ``"space_to_depth"``.
     """
+
+    def __init__(self, *args, forward: str = "direct", **kwargs):
+        _forward_fn(forward)  # a one-line error for an unknown value
+        super().__init__(*args, **kwargs)
+        self.forward = forward
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "forward": self.forward}
 
     def _rewrite_applies(self) -> bool:
         return (
@@ -145,14 +173,24 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
         if not self._rewrite_applies():
             return super().convolution_op(inputs, kernel)
         kernel = keras.ops.convert_to_tensor(kernel)  # a keras.Variable when called eagerly
-        return strided_conv(inputs, kernel, tuple(int(s) for s in self.strides))
+        return strided_conv(inputs, kernel, tuple(int(s) for s in self.strides), self.forward)
 
 
-def _strided_conv_layer(space_to_depth: bool | None) -> type[keras.layers.Conv2D]:
-    """The layer class for strided convolutions; ``None`` picks SpaceToDepthConv2D on the CPU."""
+def _strided_conv_layer(space_to_depth: bool | None) -> Callable[..., keras.layers.Conv2D]:
+    """A constructor of strided convolution layers; ``None`` picks SpaceToDepthConv2D on the CPU.
+
+    The constructor takes ``Conv2D``'s arguments and :class:`SpaceToDepthConv2D`'s
+    ``forward``, which plain ``Conv2D`` layers ignore.
+    """
     if space_to_depth is None:
         space_to_depth = jax.default_backend() == "cpu"
-    return SpaceToDepthConv2D if space_to_depth else keras.layers.Conv2D
+
+    def make(*args, forward: str = "direct", **kwargs) -> keras.layers.Conv2D:
+        if space_to_depth:
+            return SpaceToDepthConv2D(*args, forward=forward, **kwargs)
+        return keras.layers.Conv2D(*args, **kwargs)
+
+    return make
 
 
 def _pixel_stem(obs_shape: Sequence[int], scale_obs: bool) -> list[keras.layers.Layer]:
@@ -229,7 +267,9 @@ def notebook_cnn(
       scale_obs: scale pixels to [0, 1]. The notebook feeds raw 0-255 values
         (``scale_obs=False``); scaling is the default here.
       space_to_depth: make the three convolutions :class:`SpaceToDepthConv2D`
-        (same weights, outputs and gradients, a faster input gradient);
+        (same weights, outputs and gradients, a faster input gradient; the
+        first also computes its forward pass in the space-to-depth form, which
+        XLA:CPU runs faster for its 4 input channels and 5x5 kernel);
         ``None`` does so when JAX runs on the CPU.
 
     Returns:
@@ -242,7 +282,7 @@ def notebook_cnn(
     return keras.Sequential(
         [
             *_pixel_stem(obs_shape, scale_obs=scale_obs),
-            conv(16, 5, strides=2, name="conv1"),
+            conv(16, 5, strides=2, forward="space_to_depth", name="conv1"),
             conv(32, 5, strides=2, name="conv2"),
             conv(32, 5, strides=2, name="conv3"),
             keras.layers.Flatten(name="flatten"),

@@ -176,9 +176,14 @@ def test_seed_initializers_does_not_import_tensorflow():
         (9, 2, 4, 3, 2),
     ],
 )
-def test_space_to_depth_conv_matches_conv2d(size, channels, filters, kernel, stride, variant):
+@pytest.mark.parametrize("forward", ["direct", "space_to_depth"])
+def test_space_to_depth_conv_matches_conv2d(
+    size, channels, filters, kernel, stride, forward, variant
+):
     plain = keras.layers.Conv2D(filters, kernel, strides=stride, activation="relu")
-    s2d = fdqn.SpaceToDepthConv2D(filters, kernel, strides=stride, activation="relu")
+    s2d = fdqn.SpaceToDepthConv2D(
+        filters, kernel, strides=stride, activation="relu", forward=forward
+    )
     x = np.random.default_rng(0).normal(size=(3, size, size + 1, channels)).astype(np.float32)
     plain.build(x.shape)
     s2d.build(x.shape)
@@ -215,8 +220,9 @@ def test_space_to_depth_conv_falls_back_where_the_rewrite_does_not_apply():
     np.testing.assert_allclose(layer(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("forward", ["direct", "space_to_depth"])
 @pytest.mark.parametrize("kernel, stride", [((5, 5), (2, 2)), ((8, 8), (4, 4)), ((3, 4), (2, 3))])
-def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride, variant):
+def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride, forward, variant):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 23, 21, 3)).astype(np.float32))
     w = jnp.asarray(rng.normal(size=(*kernel, 3, 5)).astype(np.float32))
@@ -227,7 +233,7 @@ def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride,
         )
 
     def ours(x, w):
-        return fdqn.networks.strided_conv(x, w, stride)
+        return fdqn.networks.strided_conv(x, w, stride, forward)
 
     np.testing.assert_allclose(variant(ours)(x, w), reference(x, w), rtol=1e-5, atol=1e-4)
     # the space-to-depth form the input gradient is taken through computes the same values
@@ -239,6 +245,33 @@ def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride,
     got = variant(jax.grad(lambda x, w: jnp.sum(ours(x, w) * probe), argnums=(0, 1)))(x, w)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+def test_space_to_depth_conv_forward_choice_is_checked_and_kept_in_its_config():
+    with pytest.raises(ValueError, match="forward must be one of .*'direct', 'space_to_depth'"):
+        fdqn.SpaceToDepthConv2D(4, 5, strides=2, forward="im2col")
+    x = jnp.zeros((1, 9, 9, 2))
+    with pytest.raises(ValueError, match="forward must be one of"):
+        fdqn.networks.strided_conv(x, jnp.zeros((3, 3, 2, 4)), (2, 2), "fft")
+    # the choice reaches the computation: a stride-1 convolution, or XLA's strided one
+    for forward, strides in (("space_to_depth", "(1, 1)"), ("direct", "(2, 2)")):
+        jaxpr = str(
+            jax.make_jaxpr(fdqn.networks.strided_conv, static_argnums=(2, 3))(
+                x, jnp.zeros((3, 3, 2, 4)), (2, 2), forward
+            )
+        )
+        assert f"window_strides={strides}" in jaxpr
+    layer = fdqn.SpaceToDepthConv2D(4, 5, strides=2, forward="space_to_depth")
+    clone = fdqn.SpaceToDepthConv2D.from_config(layer.get_config())
+    assert clone.forward == "space_to_depth"
+    # the notebook network's first layer, with 4 input channels, takes the
+    # space-to-depth forward pass; the other strided layers XLA's own
+    forwards = {
+        layer.name: layer.forward
+        for layer in fdqn.notebook_cnn(4, space_to_depth=True).layers
+        if isinstance(layer, fdqn.SpaceToDepthConv2D)
+    }
+    assert forwards == {"conv1": "space_to_depth", "conv2": "direct", "conv3": "direct"}
 
 
 def test_space_to_depth_conv_takes_its_own_input_gradient():
