@@ -303,22 +303,24 @@ def run_until(
         step = rollout.agent_steps + rollout.num_envs  # the count once this step is taken
         learning = step >= config.learning_starts
 
-        def learn(step=step):
-            """The updates due by ``step``; they run while the environments step."""
-            if len(memory) < config.batch_size:
-                return
-            due = (step - config.learning_starts) // config.train_every + 1
-            if step < run.refill_until:
-                counters.updates_skipped = due - counters.updates
-            while counters.updates + counters.updates_skipped < due:
-                run.state, run.metrics = update(
-                    run.state, memory.sample(config.batch_size), **loss_kwargs
-                )
+        # The batches of this step's updates are drawn before acting: the memory
+        # does not change until the step ends, so they are the batches the
+        # updates would draw later, and gathering them overlaps the previous
+        # updates, which acting waits for.
+        batches = [
+            memory.sample(config.batch_size)
+            for _ in range(_updates_due(run, step) if learning else 0)
+        ]
+
+        def learn(batches=batches):
+            """This step's updates; they run while the environments step."""
+            for batch in batches:
+                run.state, run.metrics = update(run.state, batch, **loss_kwargs)
                 counters.updates += 1
 
         # acting uses the parameters of the updates so far; this step's updates
         # sample the transitions of the steps before it
-        scores, lengths = rollout.step(run.state.params, epsilon, learn if learning else None)
+        scores, lengths = rollout.step(run.state.params, epsilon, learn if batches else None)
         metrics = run.metrics
         if (
             learning
@@ -366,6 +368,22 @@ def run_until(
             counters.checkpoints = step // config.checkpoint_every
             _checkpoint_if_finite(run, run_dir, metrics)
     return "finished"
+
+
+def _updates_due(run: Run, step: int) -> int:
+    """How many updates are owed once agent step ``step`` is taken.
+
+    Updates are due every ``train_every`` agent steps from ``learning_starts``
+    on, once the memory holds a batch. While a resumed run refills its memory
+    (up to ``run.refill_until``) the updates owed are skipped, not made up.
+    """
+    config, counters = run.config, run.counters
+    if len(run.memory) < config.batch_size:
+        return 0
+    due = (step - config.learning_starts) // config.train_every + 1
+    if step < run.refill_until:
+        counters.updates_skipped = due - counters.updates
+    return max(0, due - counters.updates - counters.updates_skipped)
 
 
 def _checkpoint_if_finite(run: Run, run_dir: str, metrics) -> str:
