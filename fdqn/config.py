@@ -83,6 +83,11 @@ class Config:
     checkpoint_every: int = _field(250_000, "agent steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _field(3, "checkpoints kept in the run directory")
     save_replay: bool = _field(False, "include the replay memory in checkpoints (large)")
+    prefault_replay: bool = _field(
+        True,
+        "map the replay memory's pages when it is built (Linux): no page faults while "
+        "training and an error up front if it does not fit in RAM, at 1-4 s per GiB",
+    )
     log_every: int = _field(10_000, "agent steps between log lines when not on a terminal")
     print_episodes: bool = _field(False, "print a line per finished game")
 

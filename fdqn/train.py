@@ -104,6 +104,7 @@ def build(config: Config) -> Run:
         np.uint8 if atari else np.float32,
         frame_stack=obs_space.shape[0] if atari else None,
         seed=config.seed,
+        prefault=config.prefault_replay,
     )
     rollout = Rollout(
         env,

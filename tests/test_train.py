@@ -101,6 +101,18 @@ def test_replay_memory_larger_than_the_ram_is_one_line_and_nothing_written(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_no_prefault_replay_builds_a_lazily_mapped_memory(monkeypatch):
+    monkeypatch.setattr(replay, "available_memory", lambda: 1_000)  # a prefault would be refused
+    config = preset("cartpole").replace(prefault_replay=False, eval_every=0)
+    built = train.build(config)
+    try:
+        assert len(built.memory) == 0 and built.memory.capacity == config.buffer_size
+    finally:
+        built.rollout.env.close()
+    with pytest.raises(ValueError, match="replay memory of capacity 50,000 needs"):
+        train.build(config.replace(prefault_replay=True))
+
+
 def test_existing_run_dir_is_not_touched(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
