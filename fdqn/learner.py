@@ -234,9 +234,6 @@ def dqn_loss(
     return loss, {"q_taken": jnp.mean(q_taken), "td_abs": jnp.mean(jnp.abs(td))}
 
 
-@functools.partial(
-    jax.jit, static_argnames=("gamma", "double_q", "huber_delta", "reduction", "mask_terminal")
-)
 def update(
     state: TrainState,
     batch: Batch,
@@ -246,7 +243,7 @@ def update(
     reduction: str = "mean",
     mask_terminal: bool = True,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One gradient step on ``batch``; jit-compiled, pure.
+    """One gradient step on ``batch``; pure, computed by one jit-compiled call.
 
     Args:
       state: the learner state.
@@ -256,8 +253,28 @@ def update(
 
     Returns:
       ``(new_state, metrics)``; metrics hold ``loss``, ``q_taken``,
-      ``td_abs`` and ``grad_norm`` (global norm before clipping).
+      ``td_abs`` and ``grad_norm`` (global norm before clipping). The new
+      state shares ``target_params`` and ``key`` with ``state``: the compiled
+      step returns only what it changes, so it does not copy the target
+      network on every update.
     """
+    step, params, opt_state, metrics = _gradient_step(
+        state,
+        batch,
+        gamma=gamma,
+        double_q=double_q,
+        huber_delta=huber_delta,
+        reduction=reduction,
+        mask_terminal=mask_terminal,
+    )
+    return state.replace(step=step, params=params, opt_state=opt_state), metrics
+
+
+@functools.partial(
+    jax.jit, static_argnames=("gamma", "double_q", "huber_delta", "reduction", "mask_terminal")
+)
+def _gradient_step(state, batch, gamma, double_q, huber_delta, reduction, mask_terminal):
+    """The parts of the state :func:`update` changes: step, params, opt_state; and metrics."""
     grad_fn = jax.value_and_grad(dqn_loss, has_aux=True)
     (loss, aux), grads = grad_fn(
         state.params,
@@ -272,8 +289,8 @@ def update(
     )
     updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+    return state.step + 1, params, opt_state, metrics
 
 
 def sync_target(state: TrainState, tau: float = 1.0) -> TrainState:

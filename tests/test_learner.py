@@ -1,5 +1,7 @@
 """Train state, loss, clipping and the jitted update."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -198,6 +200,18 @@ def test_old_state_unchanged_by_update():
     jax.tree.map(np.testing.assert_array_equal, before, after)
     assert int(state.step) == 0 and int(new_state.step) == 1
     assert not np.array_equal(new_state.params[0], state.params[0])
+
+
+def test_update_passes_the_target_and_key_through_uncopied():
+    state = mlp_state()
+    new_state, _ = fdqn.update(state, random_batch(np.random.default_rng(4)))
+    assert all(a is b for a, b in zip(new_state.target_params, state.target_params))
+    assert new_state.key is state.key
+    # and inside the caller's own jit it is the same pure function
+    jitted, _ = jax.jit(fdqn.update)(state, random_batch(np.random.default_rng(4)))
+    close = functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7)
+    jax.tree.map(close, jitted.params, new_state.params)
+    jax.tree.map(np.testing.assert_array_equal, jitted.target_params, state.target_params)
 
 
 def test_target_copy_is_independent_of_later_updates():
