@@ -139,11 +139,12 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
     """A ``Conv2D`` whose strided convolution is :func:`strided_conv`.
 
     Same weights, outputs and gradients (up to float32 rounding) as
-    ``keras.layers.Conv2D``; only the input gradient is computed differently,
+    ``keras.layers.Conv2D``; the input gradient is computed differently,
     through the space-to-depth form of the convolution, which XLA:CPU runs
-    several times faster. Applies to ``padding="valid"``, ``channels_last``,
-    no dilation, no groups, strides other than 1, on the JAX backend; other
-    settings fall back to ``Conv2D``.
+    several times faster, and so is the forward pass with
+    ``forward="space_to_depth"`` (faster only for some shapes). Applies to
+    ``padding="valid"``, ``channels_last``, no dilation, no groups, strides
+    other than 1, on the JAX backend; other settings fall back to ``Conv2D``.
 
     Args:
       *args, **kwargs: those of ``keras.layers.Conv2D``.
