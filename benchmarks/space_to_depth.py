@@ -66,12 +66,18 @@ FIRST_LAYERS = [
 ]
 
 
+def layer_arrays(rng, batch, size, channels, filters, kernel) -> tuple[jax.Array, jax.Array]:
+    """A random input and kernel for a convolution layer."""
+    x = rng.normal(size=(batch, size, size, channels)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, channels, filters)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w)
+
+
 def forward_ms(rounds: int) -> dict:
     rng = np.random.default_rng(2)
     fns, args = {}, {}
     for name, batch, size, channels, filters, kernel, stride in FIRST_LAYERS:
-        x = jnp.asarray(rng.normal(size=(batch, size, size, channels)).astype(np.float32))
-        w = jnp.asarray(rng.normal(size=(kernel, kernel, channels, filters)).astype(np.float32))
+        x, w = layer_arrays(rng, batch, size, channels, filters, kernel)
         for forward in ("direct", "space_to_depth"):
             fn = functools.partial(
                 fdqn.networks.strided_conv, strides=(stride, stride), forward=forward
@@ -99,8 +105,7 @@ def input_gradient_ms(rounds: int) -> dict:
     rng = np.random.default_rng(1)
     fns, args = {}, {}
     for name, batch, size, channels, filters, kernel, stride in LAYERS:
-        x = jnp.asarray(rng.normal(size=(batch, size, size, channels)).astype(np.float32))
-        w = jnp.asarray(rng.normal(size=(kernel, kernel, channels, filters)).astype(np.float32))
+        x, w = layer_arrays(rng, batch, size, channels, filters, kernel)
         out = (size - kernel) // stride + 1
         g = jnp.asarray(rng.normal(size=(batch, out, out, filters)).astype(np.float32))
         strides = (stride, stride)
@@ -120,6 +125,15 @@ def input_gradient_ms(rounds: int) -> dict:
         for impl, fn in (("xla", xla), ("strided_conv", ours)):
             fns[f"{name}/{impl}"], args[f"{name}/{impl}"] = jax.jit(fn), (x, w, g)
     return time_alternating(fns, args, rounds)
+
+
+def print_pairs(times: dict, layers: list, what: str, a: tuple, b: tuple) -> None:
+    """One line per layer: the times of implementations ``a`` and ``b`` (key, label) and ratio."""
+    for name, *_ in layers:
+        ta, tb = times[f"{name}/{a[0]}"], times[f"{name}/{b[0]}"]
+        print(
+            f"{name:>24}: {what} {ta:.2f} ms ({a[1]}) against {tb:.2f} ms ({b[1]}), x{ta / tb:.2f}"
+        )
 
 
 def main() -> int:
@@ -165,20 +179,16 @@ def main() -> int:
     for name, r in result.items():
         print(f"{name:>24}: update {r['update_ms']:.1f} ms, actions (8 obs) {r['act8_ms']:.2f} ms")
     grads = input_gradient_ms(args.rounds)
-    for name, *_ in LAYERS:
-        xla, ours = grads[f"{name}/xla"], grads[f"{name}/strided_conv"]
-        print(
-            f"{name:>24}: input gradient {xla:.2f} ms (XLA) against {ours:.2f} ms "
-            f"(strided_conv), x{xla / ours:.2f}"
-        )
+    print_pairs(grads, LAYERS, "input gradient", ("xla", "XLA"), ("strided_conv", "strided_conv"))
     result["input_gradient_ms"] = grads
     forwards = forward_ms(args.rounds)
-    for name, *_ in FIRST_LAYERS:
-        direct, s2d = forwards[f"{name}/direct"], forwards[f"{name}/space_to_depth"]
-        print(
-            f"{name:>24}: forward {direct:.2f} ms (XLA's strided convolution) against "
-            f"{s2d:.2f} ms (space-to-depth form), x{direct / s2d:.2f}"
-        )
+    print_pairs(
+        forwards,
+        FIRST_LAYERS,
+        "forward",
+        ("direct", "XLA's strided convolution"),
+        ("space_to_depth", "space-to-depth form"),
+    )
     result["forward_ms"] = forwards
     print(json.dumps(result))
     return 0

@@ -294,13 +294,7 @@ def update(
       network on every update.
     """
     step, params, opt_state, metrics = _gradient_step(
-        state,
-        batch,
-        gamma=gamma,
-        double_q=double_q,
-        huber_delta=huber_delta,
-        reduction=reduction,
-        mask_terminal=mask_terminal,
+        state, batch, gamma, double_q, huber_delta, reduction, mask_terminal
     )
     return state.replace(step=step, params=params, opt_state=opt_state), metrics
 
@@ -316,11 +310,7 @@ def _gradient_step(state, batch, gamma, double_q, huber_delta, reduction, mask_t
         state.target_params,
         state.q_fn,
         batch,
-        gamma=gamma,
-        double_q=double_q,
-        huber_delta=huber_delta,
-        reduction=reduction,
-        mask_terminal=mask_terminal,
+        *(gamma, double_q, huber_delta, reduction, mask_terminal),  # dqn_loss's order
     )
     updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
