@@ -101,7 +101,7 @@ def test_replay_memory_larger_than_the_ram_is_one_line_and_nothing_written(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_no_prefault_replay_builds_a_lazily_mapped_memory(monkeypatch):
+def test_no_prefault_replay_skips_the_up_front_ram_check(monkeypatch):
     monkeypatch.setattr(replay, "available_memory", lambda: 1_000)  # a prefault would be refused
     config = preset("cartpole").replace(prefault_replay=False, eval_every=0)
     built = train.build(config)
