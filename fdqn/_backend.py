@@ -40,10 +40,11 @@ def ensure_jax_backend() -> None:
 # and matrix products to YNNPACK, which runs the convolutions of the Nature and
 # notebook networks at about half the speed of XLA's own (Eigen) kernels;
 # without YNNPACK at all, products with a transposed operand (a dense layer's
-# input gradient) run more than twice as slow as in YNNPACK. With the flag, updates are
-# about 1.6-1.8x faster than with the defaults (benchmarks/compare.py,
-# benchmarks/learner_update.py). tests/test_backend.py checks Q-values, losses
-# and gradients stay within float32 tolerance of XLA's default path.
+# input gradient) run more than twice as slow as in YNNPACK. With the flag,
+# updates are about 1.6-1.9x faster than with the defaults
+# (benchmarks/compare.py, benchmarks/learner_update.py). tests/test_backend.py
+# checks Q-values, losses and gradients stay within float32 tolerance of XLA's
+# default path.
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
 # jaxlib releases the flags were measured and tested with. XLA aborts the
 # process on a flag it does not know, and YNNPACK fusions have had
