@@ -134,6 +134,41 @@ def _strided_conv_bwd(strides, forward, residuals, g):
 strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
 
 
+@jax.custom_vjp
+def bias_add(x: jax.Array, bias: jax.Array) -> jax.Array:
+    """``x + bias`` over the last axis, with the bias gradient as a matrix-vector product.
+
+    The gradient with respect to ``bias`` sums the cotangent over every axis
+    but the last. XLA:CPU runs that reduction as an elementwise loop, about 4x
+    slower than the same sum as a product with a vector of ones (1.6 against
+    0.4 ms for the notebook network's first layer, 64x40x40x16), which is how
+    it is computed here. Values and gradients are those of ``x + bias`` up to
+    float32 rounding.
+
+    Args:
+      x: ``(..., F)`` array.
+      bias: ``(F,)`` array.
+
+    Returns:
+      ``x + bias``, shaped like ``x``.
+    """
+    return x + bias
+
+
+def _bias_add_fwd(x, bias):
+    return x + bias, None
+
+
+def _bias_add_bwd(_, g):
+    rows = g.reshape(-1, g.shape[-1])
+    ones = jnp.ones((rows.shape[0],), rows.dtype)
+    # HIGHEST: GPUs that round float32 products to TF32 by default keep full precision
+    return g, jnp.dot(ones, rows, precision=jax.lax.Precision.HIGHEST)
+
+
+bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
+
+
 @keras.saving.register_keras_serializable(package="fdqn")
 class SpaceToDepthConv2D(keras.layers.Conv2D):
     """A ``Conv2D`` whose strided convolution is :func:`strided_conv`.
@@ -142,7 +177,9 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
     ``keras.layers.Conv2D``; the input gradient is computed differently,
     through the space-to-depth form of the convolution, which XLA:CPU runs
     several times faster, and so is the forward pass with
-    ``forward="space_to_depth"`` (faster only for some shapes). Applies to
+    ``forward="space_to_depth"`` (faster only for some shapes). The bias is
+    added by :func:`bias_add`, whose gradient XLA:CPU also computes faster.
+    Applies to
     ``padding="valid"``, ``channels_last``, no dilation, no groups, strides
     other than 1, on the JAX backend; other settings fall back to ``Conv2D``.
 
@@ -169,6 +206,14 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
             and self.groups == 1
             and tuple(self.strides) != (1, 1)
         )
+
+    def call(self, inputs):
+        if not (self.use_bias and self._rewrite_applies()):
+            return super().call(inputs)
+        # Conv2D.call with the bias added by bias_add, whose gradient XLA:CPU computes faster
+        outputs = self.convolution_op(inputs, self.kernel)
+        outputs = bias_add(outputs, keras.ops.convert_to_tensor(self.bias))
+        return outputs if self.activation is None else self.activation(outputs)
 
     def convolution_op(self, inputs, kernel):
         if not self._rewrite_applies():

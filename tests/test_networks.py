@@ -210,6 +210,45 @@ def test_space_to_depth_conv_matches_conv2d(
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
+def test_bias_add_values_and_gradients_by_hand(variant):
+    x = jnp.arange(12.0).reshape(2, 2, 3)
+    bias = jnp.array([10.0, 20.0, 30.0])
+    np.testing.assert_array_equal(variant(fdqn.networks.bias_add)(x, bias), x + bias)
+    # d/d bias of sum(weights * (x + bias)): the weights summed over all but the last axis
+    weights = jnp.array([[[1.0, 0.0, 2.0], [1.0, 1.0, 0.0]], [[3.0, 0.0, 0.0], [1.0, -1.0, 0.5]]])
+    gx, gb = variant(
+        jax.grad(lambda x, b: jnp.sum(weights * fdqn.networks.bias_add(x, b)), argnums=(0, 1))
+    )(x, bias)
+    np.testing.assert_array_equal(gb, [6.0, 0.0, 2.5])
+    np.testing.assert_array_equal(gx, weights)
+
+
+def test_bias_add_gradient_matches_the_broadcast_sum_on_a_layer_sized_input(variant):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(64, 40, 40, 16)).astype(np.float32))
+    bias = jnp.asarray(rng.normal(size=16).astype(np.float32))
+    probe = jnp.asarray(rng.normal(size=x.shape).astype(np.float32))
+
+    def loss(add):
+        return lambda x, b: jnp.sum(jnp.sin(add(x, b)) * probe)
+
+    want = jax.grad(loss(jnp.add), argnums=(0, 1))(x, bias)
+    got = variant(jax.grad(loss(fdqn.networks.bias_add), argnums=(0, 1)))(x, bias)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
+
+
+def test_space_to_depth_conv_without_bias_matches_conv2d():
+    plain = keras.layers.Conv2D(4, 5, strides=2, use_bias=False)
+    layer = fdqn.SpaceToDepthConv2D(4, 5, strides=2, use_bias=False)
+    x = np.random.default_rng(4).normal(size=(2, 13, 13, 3)).astype(np.float32)
+    plain.build(x.shape)
+    layer.build(x.shape)
+    layer.set_weights(plain.get_weights())
+    assert len(layer.trainable_variables) == 1
+    np.testing.assert_allclose(layer(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
 def test_space_to_depth_conv_falls_back_where_the_rewrite_does_not_apply():
     layer = fdqn.SpaceToDepthConv2D(4, 3, strides=2, padding="same")
     plain = keras.layers.Conv2D(4, 3, strides=2, padding="same")
@@ -279,8 +318,9 @@ def test_space_to_depth_conv_takes_its_own_input_gradient():
     x = np.zeros((1, 11, 11, 2), np.float32)
     layer.build(x.shape)
     weights = [jnp.asarray(w) for w in layer.get_weights()]
-    jaxpr = jax.make_jaxpr(lambda w, x: layer.stateless_call(w, [], x)[0])(weights, x)
-    assert "custom_vjp" in str(jaxpr)
+    jaxpr = str(jax.make_jaxpr(lambda w, x: layer.stateless_call(w, [], x)[0])(weights, x))
+    # strided_conv and bias_add, each with its own gradient
+    assert jaxpr.count("custom_vjp_call") == 2
 
 
 @pytest.mark.parametrize("network", ["nature", "notebook"])
