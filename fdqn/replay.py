@@ -38,6 +38,35 @@ from typing import Any, NamedTuple
 import numpy as np
 
 _FORMAT = "fdqn.replay/1"
+# JAX on the CPU uses a host array passed to it in place, without a copy, when
+# its data starts on a 64-byte boundary (0.02 against 0.3-0.9 ms to pass
+# obs and next_obs of 64 Atari windows to a jitted function here)
+_ALIGN = 64
+
+
+def _aligned_takes(source: np.ndarray, indices: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``source[index]`` (along the first axis) for each index, in fresh aligned arrays.
+
+    The arrays share one allocation and each starts on an :data:`_ALIGN`-byte
+    boundary. One allocation per batch, not one per array: with two arrays
+    of a few MB alive at once, the allocator returned their pages to the
+    system on every batch and took page faults to get them back (~3 ms per
+    batch of 64 Atari windows here).
+    """
+    shapes = [index.shape + source.shape[1:] for index in indices]
+    sizes = [int(np.prod(shape)) * source.dtype.itemsize for shape in shapes]
+    strides = [-(-size // _ALIGN) * _ALIGN for size in sizes]
+    raw = np.empty(sum(strides) + _ALIGN, np.uint8)
+    offset = -raw.ctypes.data % _ALIGN
+    out = []
+    for index, shape, size, stride in zip(indices, shapes, sizes, strides):
+        array = raw[offset : offset + size].view(source.dtype).reshape(shape)
+        # mode="clip" (the indices are in range) lets numpy write into the array directly
+        out.append(np.take(source, index, axis=0, out=array, mode="clip"))
+        offset += stride
+    return out
+
+
 _ARRAYS = ("frames", "action", "reward", "terminated", "valid", "first")
 
 
@@ -302,17 +331,22 @@ class ReplayMemory:
         window = pos[:, None] + np.arange(-history + 1, 2)
         slots = window % self.slots
         rows = env[:, None]
-        frames = self._frames[rows, slots]
+        index = rows * self.slots + slots  # into all rings' frames, laid end to end
+        frames = self._frames.reshape(-1, *self._frames.shape[2:])
         if self.frame_stack:
+            obs, next_obs = _aligned_takes(frames, (index[:, :-1], index[:, 1:]))
             # frame j is kept only if no episode starts after it, up to pos
             first = self._first[rows, slots]
             keep = np.ones(window.shape, bool)
             for j in range(history - 2, -1, -1):
                 keep[:, j] = keep[:, j + 1] & ~first[:, j + 1]
-            frames = np.where(keep.reshape(keep.shape + (1,) * (frames.ndim - 2)), frames, 0)
-            obs, next_obs = frames[:, :-1], frames[:, 1:]
+            if not keep.all():
+                # blank only the dropped frames, in place: np.where over the whole
+                # batch took ~1.8 ms for 64 Atari windows, 20x the gather itself
+                obs[~keep[:, :-1]] = 0
+                next_obs[~keep[:, 1:]] = 0
         else:
-            obs, next_obs = frames[:, 0], frames[:, 1]
+            obs, next_obs = _aligned_takes(frames, (index[:, 0], index[:, 1]))
         here = pos % self.slots
         return Batch(
             obs=obs,

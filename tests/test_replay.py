@@ -182,6 +182,21 @@ def test_seeded_sampling_is_reproducible():
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("stack", [0, 4])
+def test_sampled_observations_are_separate_aligned_arrays(stack):
+    # contiguous and on a 64-byte boundary, so JAX on the CPU uses them without a copy
+    memory, _ = run(2, 40, [[5], [7]], stack, 30)
+    batch = memory.sample(16)
+    for array in (batch.obs, batch.next_obs):
+        assert array.flags.c_contiguous and array.flags.writeable
+        assert array.ctypes.data % 64 == 0
+    # obs and next_obs share an allocation, never elements: writing one leaves the other
+    assert not np.shares_memory(batch.obs, batch.next_obs)
+    before = batch.next_obs.copy()
+    batch.obs[...] = 255
+    np.testing.assert_array_equal(batch.next_obs, before)
+
+
 def test_bytes_per_atari_transition_under_target():
     capacity = 100_000
     memory = ReplayMemory(capacity, 8, (4, 84, 84), np.uint8, frame_stack=4)
