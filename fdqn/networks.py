@@ -179,9 +179,9 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
     several times faster, and so is the forward pass with
     ``forward="space_to_depth"`` (faster only for some shapes). The bias is
     added by :func:`bias_add`, whose gradient XLA:CPU also computes faster.
-    Applies to
-    ``padding="valid"``, ``channels_last``, no dilation, no groups, strides
-    other than 1, on the JAX backend; other settings fall back to ``Conv2D``.
+    Applies to ``padding="valid"``, ``channels_last``, no dilation, no
+    groups, strides other than 1, on the JAX backend; other settings fall
+    back to ``Conv2D``.
 
     Args:
       *args, **kwargs: those of ``keras.layers.Conv2D``.
