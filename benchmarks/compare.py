@@ -28,6 +28,12 @@ the notebook's eager GradientTape update (benchmarks/tf_notebook.py);
 PyTorch, when installed (``pip install -e ".[torch]"``), runs the Nature-network
 cases too.
 
+Importing fdqn on a CPU sets glibc malloc options (fdqn._backend.configure_malloc)
+that keep freed memory mapped for reuse. They speed TF's updates as well, so by
+default the TF and PyTorch workers get the same settings through glibc's
+environment variables; ``--baseline-malloc system`` runs them on glibc's defaults
+instead, as those frameworks run unless told.
+
 Each implementation of a case runs in its own worker process (the parity of
 the numbers is tested in tests/test_tf_parity.py). A worker builds and warms
 up first; that time (jit compilation, TF tracing, the first 64 steps of a
@@ -449,13 +455,27 @@ def worker_main(spec: str) -> int:
 # -- the driver -----------------------------------------------------------------
 
 
+# Implementations that run without importing fdqn, so without the glibc malloc
+# settings it makes on import (fdqn._backend.configure_malloc).
+BASELINE_IMPLS = ("tf_eager", "tf_function", "torch")
+
+
 class Worker:
+    # the baselines' malloc: "tuned" (fdqn's settings, through glibc's environment
+    # variables) or "system" (glibc's defaults); set by main() from --baseline-malloc
+    baseline_malloc = "tuned"
+
     def __init__(self, kind, params, impl):
         spec = json.dumps({"kind": kind, "params": params, "impl": impl})
         self.impl = impl
         env = dict(os.environ)
         if impl.endswith("_xla_default"):
             env["XLA_FLAGS"] = ""  # fdqn leaves a user's XLA_FLAGS alone, even an empty one
+        if impl in BASELINE_IMPLS and self.baseline_malloc == "tuned":
+            from fdqn import _backend
+
+            if _backend.malloc_applied is not None:  # fdqn's own workers have them
+                env.update(_backend.MALLOC_SETTINGS_ENV)
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", spec],
             env=env,
@@ -564,6 +584,18 @@ def _versions() -> str:
     return ", ".join(found) + (f"; XLA_FLAGS={flags!r}" if flags is not None else "")
 
 
+def _malloc_line(baseline: str) -> str:
+    from fdqn import _backend
+
+    ours = _backend.malloc_applied
+    if ours is None:
+        return "malloc: glibc's settings for every worker (fdqn applied none here)"
+    settings = ", ".join(f"{k}={v}" for k, v in ours.items())
+    return f"malloc: fdqn's settings ({settings}) for fdqn; " + (
+        "the same for TF and PyTorch" if baseline == "tuned" else "glibc's for TF and PyTorch"
+    )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -574,10 +606,18 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="rounds per case (5; quick 2)")
     parser.add_argument("--only", nargs="+", metavar="CASE", help=f"cases: {', '.join(CASES)}")
     parser.add_argument("--out", help="also write the output to this file")
+    parser.add_argument(
+        "--baseline-malloc",
+        choices=("tuned", "system"),
+        default="tuned",
+        help="glibc malloc settings of the TF and PyTorch workers: fdqn's (tuned, the default: "
+        "they speed TF too) or glibc's defaults (system, as those frameworks run unless told)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return worker_main(args.worker)
+    Worker.baseline_malloc = args.baseline_malloc
     rounds = args.rounds or (2 if args.quick else 5)
     if rounds < 1:
         parser.error(f"--rounds must be a positive integer, got {rounds}")
@@ -600,6 +640,7 @@ def main(argv=None) -> int:
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
     log(_versions())
+    log(_malloc_line(args.baseline_malloc))
     log(HEADER)
     start = time.perf_counter()
     results = {case: measure(case, rounds, args.quick, log) for case in cases}

@@ -1,11 +1,14 @@
-"""Time of one ``fdqn.update`` under different XLA:CPU flags, side by side.
+"""Time of one ``fdqn.update`` under different XLA:CPU flags and malloc settings, side by side.
 
 Two configurations: the Nature CNN with batch 32 and Adam, and the notebook's
-network with batch 64 and RMSProp. XLA reads its flags once per process, so
-each flag set runs in its own subprocess; the subprocesses alternate
-(A B A B ...) so that machine drift hits all of them, each times
-``--updates`` updates after a warm-up (compilation excluded), and medians of
-the per-round means are reported. The last line of output is one JSON object.
+network with batch 64 and RMSProp. XLA reads its flags once per process, and
+malloc settings are process-wide, so each variant runs in its own subprocess;
+the subprocesses alternate, the order rotating from round to round, so that
+machine drift hits all of them. Each times ``--updates`` updates after a
+warm-up (compilation excluded) and counts the page faults they take. Medians
+of the per-round means are reported, and for fdqn's own settings the
+per-round ratios to glibc's malloc defaults (``FDQN_MALLOC=system``). The last
+line of output is one JSON object.
 
     python benchmarks/learner_update.py [--rounds 3] [--updates 30]
 """
@@ -17,15 +20,18 @@ import statistics
 import subprocess
 import sys
 
-FLAG_SETS = {
-    "default": "",  # jaxlib 0.10: convolutions and dots in YNNPACK
-    "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
-    "ynn_each_dot": "--xla_cpu_experimental_ynn_fusion_type=individual_dot",  # fdqn on CPU
-    "no_ynn": "--xla_cpu_experimental_ynn_fusion_type=",  # fdqn on CPU before
+FDQN_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+# name: (XLA_FLAGS, FDQN_MALLOC)
+VARIANTS = {
+    "default": ("", "tuned"),  # jaxlib 0.10: convolutions and dots in YNNPACK
+    "ynn_dot": ("--xla_cpu_experimental_ynn_fusion_type=dot", "tuned"),
+    "ynn_each_dot": (FDQN_FLAGS, "tuned"),  # fdqn on CPU
+    "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", "tuned"),  # fdqn on CPU before
+    "system_malloc": (FDQN_FLAGS, "system"),  # fdqn's flags, glibc's malloc defaults
 }
 
 WORKER = r"""
-import json, sys, time
+import json, resource, sys, time
 import jax, numpy as np
 import fdqn
 
@@ -52,21 +58,22 @@ compile_s = time.perf_counter() - start
 for _ in range(3):
     state, m = fdqn.update(state, data)
 jax.block_until_ready(state)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 start = time.perf_counter()
 for _ in range(updates):
     state, m = fdqn.update(state, data)
 jax.block_until_ready(state)
 ms = (time.perf_counter() - start) / updates * 1000
-print(json.dumps({"ms": ms, "compile_s": compile_s, "loss": float(m["loss"])}))
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / updates
+print(json.dumps({"ms": ms, "compile_s": compile_s, "loss": float(m["loss"]), "faults": faults}))
 """
 
 
-def run(config: str, flags: str, updates: int) -> dict:
+def run(config: str, variant: str, updates: int) -> dict:
+    flags, malloc = VARIANTS[variant]
     env = dict(os.environ)
-    if flags:
-        env["XLA_FLAGS"] = flags
-    else:
-        env["XLA_FLAGS"] = ""  # XLA's defaults: fdqn leaves a set XLA_FLAGS alone
+    env["XLA_FLAGS"] = flags  # even "" (XLA's defaults): fdqn leaves a set XLA_FLAGS alone
+    env["FDQN_MALLOC"] = malloc
     out = subprocess.run(
         [sys.executable, "-c", WORKER, config, str(updates)],
         env=env,
@@ -83,32 +90,37 @@ def main() -> int:
     parser.add_argument("--updates", type=int, default=30)
     args = parser.parse_args()
     results = {}
+    names = list(VARIANTS)
     for config in ("nature", "notebook"):
-        times = {name: [] for name in FLAG_SETS}
-        compiles = {name: [] for name in FLAG_SETS}
-        losses = {}
-        for _ in range(args.rounds):
-            for name, flags in FLAG_SETS.items():
-                r = run(config, flags, args.updates)
-                times[name].append(r["ms"])
-                compiles[name].append(r["compile_s"])
-                losses[name] = r["loss"]
+        runs = {name: [] for name in names}
+        for i in range(args.rounds):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                runs[name].append(run(config, name, args.updates))
         results[config] = {
             name: {
-                "ms_per_update": statistics.median(times[name]),
-                "compile_s": statistics.median(compiles[name]),
-                "loss_after_34_updates": losses[name],
+                "ms_per_update": statistics.median(r["ms"] for r in runs[name]),
+                "compile_s": statistics.median(r["compile_s"] for r in runs[name]),
+                "page_faults_per_update": statistics.median(r["faults"] for r in runs[name]),
+                "loss_after_34_updates": runs[name][-1]["loss"],
             }
-            for name in FLAG_SETS
+            for name in names
         }
+        ratios = [a["ms"] / b["ms"] for a, b in zip(runs["ynn_each_dot"], runs["system_malloc"])]
+        results[config]["fdqn_over_system_malloc_rounds"] = ratios
         base = results[config]["default"]["ms_per_update"]
-        for name in FLAG_SETS:
+        for name in names:
             r = results[config][name]
             print(
-                f"{config:>8} {name:>12}: {r['ms_per_update']:6.1f} ms/update "
-                f"(x{r['ms_per_update'] / base:.2f} of default), compile {r['compile_s']:.1f} s, "
-                f"loss {r['loss_after_34_updates']:.6g}"
+                f"{config:>8} {name:>13}: {r['ms_per_update']:6.1f} ms/update "
+                f"(x{r['ms_per_update'] / base:.2f} of default), "
+                f"{r['page_faults_per_update']:6.0f} page faults/update, "
+                f"compile {r['compile_s']:.1f} s, loss {r['loss_after_34_updates']:.6g}"
             )
+        print(
+            f"{config:>8} ynn_each_dot / system_malloc per round: "
+            + " ".join(f"{x:.2f}" for x in ratios)
+            + f" (median {statistics.median(ratios):.2f})"
+        )
     print(json.dumps(results))
     return 0
 

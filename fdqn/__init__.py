@@ -1,9 +1,11 @@
 """fdqn: DQN as pure, jit-compiled JAX functions over Keras 3 models."""
 
-from fdqn._backend import KerasBackendError, configure_xla, ensure_jax_backend
+from fdqn import _backend
+from fdqn._backend import KerasBackendError, configure_malloc, configure_xla, ensure_jax_backend
 
 ensure_jax_backend()
 configure_xla()
+_backend.malloc_applied = configure_malloc()
 
 # Imports below need Keras' JAX backend, selected above.
 from fdqn.exploration import (  # noqa: E402

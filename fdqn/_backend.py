@@ -1,11 +1,14 @@
-"""Selects the JAX backend for Keras before Keras is first imported.
+"""Process settings fdqn makes on import, before Keras and JAX start.
 
 fdqn's networks are Keras 3 models run through ``stateless_call`` inside
 ``jax.jit``, which needs Keras' JAX backend. Keras reads its backend once, when
 it is first imported, so the choice must be made here, before any fdqn module
-imports Keras.
+imports Keras. On a CPU-only install fdqn also sets XLA:CPU flags
+(:func:`configure_xla`) and glibc malloc settings (:func:`configure_malloc`),
+each only where the user has not chosen their own.
 """
 
+import ctypes
 import os
 import sys
 
@@ -64,9 +67,8 @@ def configure_xla() -> str | None:
     if "XLA_FLAGS" in os.environ:
         return None
     import importlib.metadata
-    import importlib.util
 
-    if any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS):
+    if _accelerator_installed():
         return None
     try:
         version = importlib.metadata.version("jaxlib")
@@ -84,3 +86,74 @@ def configure_xla() -> str | None:
             return None
     os.environ["XLA_FLAGS"] = CPU_XLA_FLAGS
     return CPU_XLA_FLAGS
+
+
+def _accelerator_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(name) is not None for name in _ACCELERATOR_PLUGINS)
+
+
+# glibc malloc settings fdqn applies when JAX runs on the CPU. XLA:CPU takes the
+# scratch memory of each jitted call from malloc and frees it when the call
+# ends. glibc serves blocks above its mmap threshold (at most 32 MB) with a
+# fresh mmap and unmaps them on free, so a call with more scratch than that
+# faults every page of it in again, each time: the notebook network's update
+# (35 MB of scratch at batch 64) took ~8,650 page faults per call. With large
+# blocks taken from the heap instead (no mmap), and freed memory kept for reuse
+# (trim threshold, top pad), it takes none. benchmarks/results/malloc.txt has
+# the update times of both (python benchmarks/malloc.py).
+MALLOC_SETTINGS = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 256 << 20, "M_TOP_PAD": 64 << 20}
+# The same settings as glibc's environment variables, read when a process starts:
+# for processes that do not import fdqn (the baselines of benchmarks/compare.py).
+MALLOC_SETTINGS_ENV = {f"MALLOC_{k[2:]}_": str(v) for k, v in MALLOC_SETTINGS.items()}
+# mallopt's parameter numbers, from glibc's malloc.h
+_MALLOPT_PARAM = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_MAX": -4}
+# environment variables through which glibc takes a user's own malloc tuning
+_MALLOC_ENV = (
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+)
+MALLOC_MODES = ("tuned", "system")
+# what configure_malloc applied when fdqn was imported (None: nothing)
+malloc_applied: dict[str, int] | None = None
+
+
+def configure_malloc() -> dict[str, int] | None:
+    """Applies :data:`MALLOC_SETTINGS` with glibc's ``mallopt`` where that is wanted; returns them.
+
+    ``FDQN_MALLOC=system`` keeps glibc's own settings (``tuned``, the default,
+    applies fdqn's). Nothing is changed either when the user tunes malloc
+    through glibc's environment variables (``MALLOC_*_``, ``GLIBC_TUNABLES``),
+    when an accelerator plugin is installed (scratch memory then lives on the
+    device), or when the C library is not glibc.
+
+    Raises:
+      ValueError: ``FDQN_MALLOC`` is set to something else.
+    """
+    mode = os.environ.get("FDQN_MALLOC", "tuned")
+    if mode not in MALLOC_MODES:
+        raise ValueError(f"FDQN_MALLOC must be one of {MALLOC_MODES}, got {mode!r}")
+    if mode == "system" or not sys.platform.startswith("linux"):
+        return None
+    if any(name in os.environ for name in _MALLOC_ENV):
+        return None
+    if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", ""):
+        return None
+    if _accelerator_installed():
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    applied = {}
+    for name, value in MALLOC_SETTINGS.items():
+        if mallopt(_MALLOPT_PARAM[name], value) == 1:
+            applied[name] = value
+    return applied
