@@ -455,8 +455,8 @@ def worker_main(spec: str) -> int:
 # -- the driver -----------------------------------------------------------------
 
 
-# Implementations that run without importing fdqn, so without the glibc malloc
-# settings it makes on import (fdqn._backend.configure_malloc).
+# Implementations whose updates run outside fdqn: they get fdqn's glibc malloc
+# settings (fdqn._backend.configure_malloc) only as --baseline-malloc says.
 BASELINE_IMPLS = ("tf_eager", "tf_function", "torch")
 
 
@@ -476,6 +476,8 @@ class Worker:
 
             if _backend.malloc_applied is not None:  # fdqn's own workers have them
                 env.update(_backend.MALLOC_SETTINGS_ENV)
+        elif impl in BASELINE_IMPLS:  # the TF loops import fdqn's envs, which would set them
+            env["FDQN_MALLOC"] = "system"
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--worker", spec],
             env=env,
