@@ -99,10 +99,11 @@ def _accelerator_installed() -> bool:
 # ends. glibc serves blocks above its mmap threshold (at most 32 MB) with a
 # fresh mmap and unmaps them on free, so a call with more scratch than that
 # faults every page of it in again, each time: the notebook network's update
-# (35 MB of scratch at batch 64) took ~8,650 page faults per call. With large
+# (35 MB of scratch at batch 64) took ~9,600 page faults per call. With large
 # blocks taken from the heap instead (no mmap), and freed memory kept for reuse
-# (trim threshold, top pad), it takes none. benchmarks/results/malloc.txt has
-# the update times of both (python benchmarks/malloc.py).
+# (trim threshold, top pad), the scratch stays mapped from call to call:
+# python benchmarks/learner_update.py compares both (rows ynn_each_dot and
+# system_malloc of benchmarks/results/learner_update.txt).
 MALLOC_SETTINGS = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 256 << 20, "M_TOP_PAD": 64 << 20}
 # The same settings as glibc's environment variables, read when a process starts:
 # for processes that do not import fdqn (the baselines of benchmarks/compare.py).
