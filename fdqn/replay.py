@@ -83,18 +83,22 @@ def available_memory() -> int | None:
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, prefault: bool) -> np.ndarray:
-    """A zeroed array; with ``prefault`` (where the OS allows) its pages are mapped now.
+    """A zeroed array in its own anonymous mapping; with ``prefault`` its pages are mapped now.
 
-    ``np.zeros`` maps pages lazily: the first write to each page traps into
-    the kernel, which for a replay memory means every write of its first
-    pass. One ``mmap`` with ``MAP_POPULATE`` maps them all up front instead,
-    several times faster than faulting them in one by one.
+    Without ``prefault`` the kernel maps each page at its first write, which
+    for a replay memory means every write of its first pass. One ``mmap``
+    with ``MAP_POPULATE`` maps them all up front instead, several times
+    faster than faulting them in one by one. The mapping is the array's own
+    either way, not malloc's: with the malloc settings fdqn makes on import
+    (``fdqn._backend.configure_malloc``) a large ``np.zeros`` can reuse freed
+    heap memory, which calloc zeroes, mapping every page at once.
     """
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    populate = getattr(mmap, "MAP_POPULATE", None)
-    if not prefault or populate is None or nbytes == 0:
+    anonymous = getattr(mmap, "MAP_ANONYMOUS", None)
+    populate = getattr(mmap, "MAP_POPULATE", None) if prefault else 0
+    if anonymous is None or populate is None or nbytes == 0:
         return np.zeros(shape, dtype)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
+    flags = mmap.MAP_PRIVATE | anonymous | populate
     buffer = mmap.mmap(-1, nbytes, flags=flags)  # anonymous pages are zero-filled
     return np.frombuffer(buffer, dtype).reshape(shape)  # the array keeps the mapping alive
 

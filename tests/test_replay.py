@@ -235,6 +235,23 @@ def test_prefault_maps_the_observation_store_up_front():
     assert _resident_bytes() - before < 0.1 * lazy._frames.nbytes
 
 
+@pytest.mark.skipif(
+    not hasattr(mmap, "MAP_ANONYMOUS") or not os.path.exists("/proc/self/statm"),
+    reason="needs anonymous mmap and /proc",
+)
+def test_lazy_store_stays_unmapped_where_the_heap_has_a_free_hole():
+    # with fdqn's malloc settings (no mmap for large blocks) a large np.zeros could be carved
+    # out of this freed, never-written block; calloc would then zero it and map every page
+    hole = np.empty(96 * 2**20, np.uint8)
+    after = np.empty(8 * 2**20, np.uint8)  # keeps the hole off the top of the heap
+    del hole
+    before = _resident_bytes()
+    lazy = ReplayMemory(8 * 1024, 8, (4, 64, 128), np.uint8, frame_stack=4, prefault=False)
+    assert _resident_bytes() - before < 0.1 * lazy._frames.nbytes
+    assert not lazy._frames.any() and lazy._frames.flags.writeable
+    del after
+
+
 def test_memory_larger_than_available_ram_is_refused(monkeypatch):
     monkeypatch.setattr(replay, "available_memory", lambda: 2**30)
     with pytest.raises(ValueError, match=r"capacity 1,000,000 needs 6.\d\d GiB .* only 1.00 GiB"):
