@@ -461,9 +461,12 @@ BASELINE_IMPLS = ("tf_eager", "tf_function", "torch")
 
 
 class Worker:
+    """A worker process, ``script --worker SPEC``, asked one JSON command at a time."""
+
     # the baselines' malloc: "tuned" (fdqn's settings, through glibc's environment
     # variables) or "system" (glibc's defaults); set by main() from --baseline-malloc
     baseline_malloc = "tuned"
+    script = os.path.abspath(__file__)  # whose worker_main serves the commands
 
     def __init__(self, kind, params, impl):
         spec = json.dumps({"kind": kind, "params": params, "impl": impl})
@@ -479,7 +482,7 @@ class Worker:
         elif impl in BASELINE_IMPLS:  # the TF loops import fdqn's envs, which would set them
             env["FDQN_MALLOC"] = "system"
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--worker", spec],
+            [sys.executable, self.script, "--worker", spec],
             env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
