@@ -19,7 +19,11 @@ Measures, on Breakout:
 Raw env, wrapped env and the rollouts are measured alternately
 (A B C D E A B C D E ...) for each N so that machine drift hits all of them;
 medians are reported, and each rollout's median ratio to the raw env over
-the rounds (its time next to the raw env's time of the same round).
+the rounds (its time next to the raw env's time of the same round). Two
+instances of the same game run at speeds up to 10% apart over a few hundred
+random steps, so each rollout also reports the share of its own time spent
+inside ale-py's ``step`` of its own env instance: one minus that share is
+what fdqn adds.
 The last line of output is one JSON object with every figure.
 
     python benchmarks/data_throughput.py            # N = 1, 4, 8, 16
@@ -38,8 +42,27 @@ import fdqn
 from fdqn import envs
 
 
-def time_steps(step, n_steps):
+class EnvClock:
+    """Time a vector env spends inside ale-py's own ``step``, under all of fdqn's wrappers."""
+
+    def __init__(self, env):
+        inner, self.seconds = env.unwrapped, 0.0
+        step = inner.step
+
+        def timed_step(actions):
+            start = time.perf_counter()
+            try:
+                return step(actions)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        inner.step = timed_step  # the wrappers look it up on the instance
+
+
+def time_steps(step, n_steps, clock=None):
     step()  # warm-up (and jit compilation for the rollout)
+    if clock is not None:
+        clock.seconds = 0.0
     start = time.perf_counter()
     for _ in range(n_steps):
         step()
@@ -67,6 +90,11 @@ def bench_envs(num_envs, n_steps, repeats):
 
     rollout, random_rollout = new_rollout(0), new_rollout(1)
     lazy_rollout = new_rollout(2, prefault=False)
+    clocks = {
+        "rollout_random": EnvClock(random_rollout.env),
+        "rollout_random_lazy": EnvClock(lazy_rollout.env),
+        "rollout": EnvClock(rollout.env),
+    }
 
     def raw_step():
         raw.step(rng.integers(0, 4, num_envs, dtype=np.int32))
@@ -91,9 +119,13 @@ def bench_envs(num_envs, n_steps, repeats):
         "rollout": rollout_step,
     }
     times = {name: [] for name in steps}
+    in_env = {name: [] for name in clocks}  # share of each block spent in ale-py's step
     for _ in range(repeats):
         for name, fn in steps.items():
-            times[name].append(num_envs * n_steps / time_steps(fn, n_steps))
+            seconds = time_steps(fn, n_steps, clocks.get(name))
+            times[name].append(num_envs * n_steps / seconds)
+            if name in clocks:
+                in_env[name].append(clocks[name].seconds / seconds)
     raw.close()
     wrapped.close()
     for r in (rollout, random_rollout, lazy_rollout):
@@ -103,6 +135,8 @@ def bench_envs(num_envs, n_steps, repeats):
         if name != "raw_env":
             pairs = zip(times[name], times["raw_env"])
             result[f"{name}_vs_raw"] = statistics.median(a / b for a, b in pairs)
+    for name, shares in in_env.items():
+        result[f"{name}_in_env"] = statistics.median(shares)
     return result
 
 
@@ -162,6 +196,16 @@ def main():
             f"{n:>3} {r['raw_env']:>8.0f} {_cell(r, 'fdqn_env', 14)} "
             f"{_cell(r, 'rollout_random', 14)} {_cell(r, 'rollout_random_lazy', 18)} "
             f"{_cell(r, 'rollout', 17)}"
+        )
+    print(
+        "share of each rollout's time spent inside ale-py's own step, same env instance "
+        "(median over rounds; the rest is fdqn's wrappers, policy and replay writes)"
+    )
+    print(f"{'N':>3} {'rollout eps=1':>14} {'eps=1, lazy pages':>18} {'rollout eps=0.05':>17}")
+    for n, r in results["env"].items():
+        print(
+            f"{n:>3} {r['rollout_random_in_env']:>14.3f} {r['rollout_random_lazy_in_env']:>18.3f} "
+            f"{r['rollout_in_env']:>17.3f}"
         )
     replay = bench_replay()
     results.update(replay)
