@@ -423,10 +423,41 @@ class CleanRLStyleWorker:
         jax.block_until_ready(self.state)
 
 
-def worker_main(spec: str) -> int:
-    """Serves setup / run / rss commands, one JSON line each, on stdin / stdout."""
+def reply_channel():
+    """The worker's line to the driver: stdout, which from here on carries nothing else.
+
+    Anything libraries print goes to stderr instead; call this before importing them.
+    """
     replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything libraries print goes to stderr
+    os.dup2(2, 1)
+    return replies
+
+
+def serve(replies, setup, run) -> int:
+    """Answers setup / run / rss commands, one JSON line each, from stdin on ``replies``.
+
+    ``setup()`` builds and warms up (its time is reported as ``setup_s``);
+    ``run(command)`` does one timed block (``seconds``); ``rss`` reports the
+    peak resident memory.
+    """
+    for line in sys.stdin:
+        command = json.loads(line)
+        start = time.perf_counter()
+        if command["cmd"] == "setup":
+            setup()
+            reply = {"setup_s": time.perf_counter() - start}
+        elif command["cmd"] == "run":
+            run(command)
+            reply = {"seconds": time.perf_counter() - start}
+        else:
+            reply = {"peak_rss_mb": _peak_rss_mb()}
+        replies.write(json.dumps(reply) + "\n")
+    return 0
+
+
+def worker_main(spec: str) -> int:
+    """Serves one implementation of one case to the driver (:func:`serve`)."""
+    replies = reply_channel()
     spec = json.loads(spec)
     kind, params, impl = spec["kind"], spec["params"], spec["impl"]
     if impl.startswith("fdqn"):
@@ -437,19 +468,7 @@ def worker_main(spec: str) -> int:
         worker = TorchWorker(kind, params)
     else:
         worker = TfWorker(kind, params, compiled=impl == "tf_function")
-    for line in sys.stdin:
-        command = json.loads(line)
-        start = time.perf_counter()
-        if command["cmd"] == "setup":
-            worker.setup()
-            reply = {"setup_s": time.perf_counter() - start}
-        elif command["cmd"] == "run":
-            worker.run(command["n"])
-            reply = {"seconds": time.perf_counter() - start}
-        else:
-            reply = {"peak_rss_mb": _peak_rss_mb()}
-        replies.write(json.dumps(reply) + "\n")
-    return 0
+    return serve(replies, worker.setup, lambda command: worker.run(command["n"]))
 
 
 # -- the driver -----------------------------------------------------------------
@@ -589,6 +608,35 @@ def _versions() -> str:
     return ", ".join(found) + (f"; XLA_FLAGS={flags!r}" if flags is not None else "")
 
 
+def machine_line(title: str) -> str:
+    """``title``, then the CPU count and model, the Python version and the time."""
+    import platform
+
+    return (
+        f"{title}; {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}; "
+        f"{time.strftime('%Y-%m-%d %H:%M')}"
+    )
+
+
+def recorder():
+    """``(log, lines)``: ``log(text)`` prints a line at once and keeps it in ``lines``."""
+    lines = []
+
+    def log(text):
+        print(text, flush=True)
+        lines.append(text)
+
+    return log, lines
+
+
+def finish(lines: list[str], summary: dict, out: str | None) -> None:
+    """Prints ``summary`` as the last line, one JSON object; with ``out``, writes all to it."""
+    if out:
+        with open(out, "w") as f:
+            f.write("\n".join(lines) + "\n" + json.dumps(summary) + "\n")
+    print(json.dumps(summary))
+
+
 def _malloc_line(baseline: str) -> str:
     from fdqn import _backend
 
@@ -631,18 +679,12 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown case {unknown[0]!r}; cases are {', '.join(CASES)}")
 
-    lines = []
-
-    def log(text):
-        print(text, flush=True)
-        lines.append(text)
-
-    import platform
-
+    log, lines = recorder()
     log(
-        f"fdqn vs the TF notebook: {'quick' if args.quick else 'full'} mode, {rounds} rounds, "
-        f"medians; {os.cpu_count()} CPUs, {_cpu_model()}, Python {platform.python_version()}; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
+        machine_line(
+            f"fdqn vs the TF notebook: {'quick' if args.quick else 'full'} mode, {rounds} rounds, "
+            "medians"
+        )
     )
     log(_versions())
     log(_malloc_line(args.baseline_malloc))
@@ -671,10 +713,7 @@ def main(argv=None) -> int:
             for case, res in results.items()
         },
     }
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n" + json.dumps(summary) + "\n")
-    print(json.dumps(summary))
+    finish(lines, summary, args.out)
     return 0
 
 

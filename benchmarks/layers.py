@@ -194,30 +194,24 @@ class TorchLayers:
 
 
 def worker_main(spec: str) -> int:
-    """Serves setup / run / rss commands for one implementation on stdin / stdout."""
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything libraries print goes to stderr
+    """Serves one implementation's ops to the driver (``compare.serve``)."""
+    replies = compare.reply_channel()
     impl = json.loads(spec)["impl"]
     layers = {"fdqn": FdqnLayers, "tf_function": TfLayers, "torch": TorchLayers}[impl]()
     calls = {}
-    for line in sys.stdin:
-        command = json.loads(line)
-        start = time.perf_counter()
-        if command["cmd"] == "setup":  # build, compile or trace, and warm up every op
-            for op in ops():
-                calls[op] = layers.build(op)
-                for _ in range(3):
-                    calls[op]()
-            reply = {"setup_s": time.perf_counter() - start}
-        elif command["cmd"] == "run":
-            call = calls[command["op"]]
-            for _ in range(command["n"]):
-                call()
-            reply = {"seconds": time.perf_counter() - start}
-        else:
-            reply = {"peak_rss_mb": compare._peak_rss_mb()}
-        replies.write(json.dumps(reply) + "\n")
-    return 0
+
+    def setup():  # build, compile or trace, and warm up every op
+        for op in ops():
+            calls[op] = layers.build(op)
+            for _ in range(3):
+                calls[op]()
+
+    def run(command):
+        call = calls[command["op"]]
+        for _ in range(command["n"]):
+            call()
+
+    return compare.serve(replies, setup, run)
 
 
 class LayerWorker(compare.Worker):
@@ -285,18 +279,11 @@ def main(argv=None) -> int:
     if importlib.util.find_spec("tensorflow") is None:
         parser.error('TensorFlow is not installed: pip install -e ".[tf]"')
 
-    lines = []
-
-    def log(text):
-        print(text, flush=True)
-        lines.append(text)
-
-    import platform
-
+    log, lines = compare.recorder()
     log(
-        f"layer kernels, ms per call: {args.rounds} rounds of {args.reps} calls, medians; "
-        f"{os.cpu_count()} CPUs, {compare._cpu_model()}, Python {platform.python_version()}; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}"
+        compare.machine_line(
+            f"layer kernels, ms per call: {args.rounds} rounds of {args.reps} calls, medians"
+        )
     )
     log(compare._versions())
     log(compare._malloc_line("tuned"))
@@ -310,10 +297,7 @@ def main(argv=None) -> int:
         f"{time.perf_counter() - start:.0f} s in all"
     )
     summary = {"rounds": args.rounds, "reps": args.reps, "ms": results, "update_kernels_ms": sums}
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n" + json.dumps(summary) + "\n")
-    print(json.dumps(summary))
+    compare.finish(lines, summary, args.out)
     return 0
 
 
