@@ -21,9 +21,10 @@ Raw env, wrapped env and the rollouts are measured alternately
 medians are reported, and each rollout's median ratio to the raw env over
 the rounds (its time next to the raw env's time of the same round). Two
 instances of the same game run at speeds up to 10% apart over a few hundred
-random steps, so each rollout also reports the share of its own time spent
-inside ale-py's ``step`` of its own env instance: one minus that share is
-what fdqn adds.
+random steps, so each loop also reports the share of its own time spent
+inside ale-py's ``step`` of its own env instance. The raw env's loop, which
+draws random actions in Python and calls ``step``, gives the reference
+share; what a rollout adds is the difference.
 The last line of output is one JSON object with every figure.
 
     python benchmarks/data_throughput.py            # N = 1, 4, 8, 16
@@ -90,7 +91,9 @@ def bench_envs(num_envs, n_steps, repeats):
 
     rollout, random_rollout = new_rollout(0), new_rollout(1)
     lazy_rollout = new_rollout(2, prefault=False)
-    clocks = {
+    clocks = {  # the raw env's own loop too: the share its Python driving loop leaves
+        "raw_env": EnvClock(raw),
+        "fdqn_env": EnvClock(wrapped),
         "rollout_random": EnvClock(random_rollout.env),
         "rollout_random_lazy": EnvClock(lazy_rollout.env),
         "rollout": EnvClock(rollout.env),
@@ -198,13 +201,17 @@ def main():
             f"{_cell(r, 'rollout', 17)}"
         )
     print(
-        "share of each rollout's time spent inside ale-py's own step, same env instance "
-        "(median over rounds; the rest is fdqn's wrappers, policy and replay writes)"
+        "share of each loop's time spent inside ale-py's own step of its env instance (median "
+        "over rounds; the rest is the Python loop, fdqn's wrappers, policy and replay writes)"
     )
-    print(f"{'N':>3} {'rollout eps=1':>14} {'eps=1, lazy pages':>18} {'rollout eps=0.05':>17}")
+    print(
+        f"{'N':>3} {'raw env':>8} {'fdqn env':>9} {'rollout eps=1':>14} "
+        f"{'eps=1, lazy pages':>18} {'rollout eps=0.05':>17}"
+    )
     for n, r in results["env"].items():
         print(
-            f"{n:>3} {r['rollout_random_in_env']:>14.3f} {r['rollout_random_lazy_in_env']:>18.3f} "
+            f"{n:>3} {r['raw_env_in_env']:>8.3f} {r['fdqn_env_in_env']:>9.3f} "
+            f"{r['rollout_random_in_env']:>14.3f} {r['rollout_random_lazy_in_env']:>18.3f} "
             f"{r['rollout_in_env']:>17.3f}"
         )
     replay = bench_replay()
