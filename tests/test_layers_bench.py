@@ -82,18 +82,10 @@ def test_fdqn_passes_compute_their_definition(op):
 def test_tf_passes_compute_their_definition(op):
     pytest.importorskip("tf_keras")
     pytest.importorskip("tensorflow")
-    check(_tf_layers(), op)
+    check(layers.TfLayers(), op)  # layers.py put benchmarks/ on sys.path for tf_notebook
 
 
 @pytest.mark.parametrize("op", layers.ops())
 def test_torch_passes_compute_their_definition(op):
     pytest.importorskip("torch")
-    torch_layers = layers.TorchLayers()
-    check(torch_layers, op, lambda op, v: channels_last(op, v))
-
-
-def _tf_layers():
-    import sys
-
-    sys.path.insert(0, os.path.dirname(_PATH))  # TfLayers imports tf_notebook from there
-    return layers.TfLayers()
+    check(layers.TorchLayers(), op, channels_last)
