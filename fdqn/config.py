@@ -251,14 +251,62 @@ def make_network(config: Config, env: Any) -> Any:
 
 
 def load_config(run_dir: str) -> Config:
-    """The validated config saved in a run directory's ``config.json``."""
+    """The validated config saved in a run directory's ``config.json``.
+
+    Raises:
+      ValueError: one line naming the problem: no such run directory or file,
+        a file that cannot be read or is not JSON, fields missing or unknown,
+        or a value :meth:`Config.validate` rejects.
+    """
     path = os.path.join(run_dir, "config.json")
+    if not os.path.isdir(run_dir):
+        what = "is not a directory" if os.path.exists(run_dir) else "does not exist"
+        raise ValueError(f"{run_dir} {what}: give the run directory fdqn.train wrote")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        data["hidden"] = tuple(data["hidden"])
-        return Config(**data).validate()
     except FileNotFoundError:
         raise ValueError(f"{run_dir} has no config.json: is it an fdqn run directory?") from None
-    except (TypeError, json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{path} is not a valid fdqn config ({e})") from None
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not a valid fdqn config: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a valid fdqn config: expected a JSON object")
+    names = {field.name for field in dataclasses.fields(Config)}
+    missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
+    if missing or unknown:
+        parts = [f"missing fields {', '.join(missing)}"] if missing else []
+        parts += [f"unknown fields {', '.join(unknown)}"] if unknown else []
+        raise ValueError(f"{path} is not a valid fdqn config: {'; '.join(parts)}")
+    for field in dataclasses.fields(Config):
+        if not _json_value_fits(data[field.name], field.default):
+            kind = _JSON_KINDS[type(field.default)]
+            raise ValueError(
+                f"{path} is not a valid fdqn config: {field.name} must be {kind}, "
+                f"got {data[field.name]!r}"
+            )
+    data["hidden"] = tuple(data["hidden"])
+    return Config(**data).validate()
+
+
+_JSON_KINDS = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    tuple: "a list of integers",
+}
+
+
+def _json_value_fits(value: Any, default: Any) -> bool:
+    """Whether a value read from JSON has the type of the config field defaulting to ``default``."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, tuple):
+        return isinstance(value, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        )
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))

@@ -1,8 +1,10 @@
 """The training program end to end, with tiny budgets."""
 
+import dataclasses
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 
 from fdqn import checkpoint, replay, train
-from fdqn.config import Config, ConfigError, preset
+from fdqn.config import Config, ConfigError, load_config, preset
 from fdqn.evaluate import evaluate, load_run
 
 CARTPOLE_TINY = dict(
@@ -69,7 +71,7 @@ def test_unknown_flag_from_the_shell(tmp_path):
         (["--preset", "cartpole", "--network", "nature"], "--network: CartPole-v1 gives vectors"),
         (["--gamma", "1.5"], "--gamma: must be in [0, 1]"),
         (["--preset", "nope"], "argument --preset: invalid choice"),
-        (["--resume", "/nonexistent/run"], "has no config.json"),
+        (["--resume", "/nonexistent/run"], "/nonexistent/run does not exist"),
     ],
 )
 def test_bad_input_one_line_exit_2_and_nothing_written(
@@ -327,3 +329,41 @@ def test_config_errors_name_the_field():
     assert e.value.field == "num_envs"
     with pytest.raises(ConfigError, match="--preset: must be one of"):
         preset("nope")
+
+
+def _saved_config(**changes):
+    data = dataclasses.asdict(preset("cartpole"))
+    data["hidden"] = list(data["hidden"])
+    return json.dumps({**data, **changes})
+
+
+@pytest.mark.parametrize(
+    "contents, message",
+    [
+        (None, "has no config.json: is it an fdqn run directory?"),
+        (b"\xff\xfe", "is not a valid fdqn config: not JSON"),
+        (b"{", "is not a valid fdqn config: not JSON"),
+        (b"[1, 2]", "is not a valid fdqn config: expected a JSON object"),
+        (json.dumps({"lr": 0.1}).encode(), "missing fields batch_size, buffer_size"),
+        (_saved_config(bogus=1).encode(), "is not a valid fdqn config: unknown fields bogus"),
+        (_saved_config(lr="fast").encode(), "config: lr must be a number, got 'fast'"),
+        (_saved_config(seed=1.5).encode(), "config: seed must be an integer, got 1.5"),
+        (_saved_config(double_q=1).encode(), "config: double_q must be true or false, got 1"),
+        (_saved_config(hidden=5).encode(), "config: hidden must be a list of integers, got 5"),
+        (_saved_config(env=None).encode(), "config: env must be a string, got None"),
+        (_saved_config(lr=7.0).encode(), "--lr: must be in (0, 1], got 7.0"),
+    ],
+)
+def test_load_config_rejects_what_is_not_a_saved_config(tmp_path, contents, message):
+    if contents is not None:
+        (tmp_path / "config.json").write_bytes(contents)
+    with pytest.raises(ValueError, match=re.escape(message)) as e:
+        load_config(str(tmp_path))
+    assert "\n" not in str(e.value)
+
+
+def test_load_config_reads_back_what_was_saved_and_rejects_a_file_as_run_dir(tmp_path):
+    (tmp_path / "config.json").write_text(_saved_config())
+    assert load_config(str(tmp_path)) == preset("cartpole")
+    with pytest.raises(ValueError, match="config.json is not a directory"):
+        load_config(str(tmp_path / "config.json"))
