@@ -369,7 +369,9 @@ def pure_q_fn(model: keras.Model) -> tuple[QFn, Params]:
     and differentiated. ``params`` is a list of arrays, one per trainable
     variable. Non-trainable variables (BatchNorm statistics, say) are frozen at
     their values at conversion time. The arrays are copies: later use of the
-    model (``fit``, ``predict``) cannot invalidate them.
+    model (``fit``, ``predict``) cannot invalidate them. Observations whose
+    shape the model's ``keras.Input`` does not take raise a one-line
+    ``ValueError`` (checked when traced, so it costs nothing per call).
 
     Args:
       model: a built ``keras.Model`` (give it an ``Input`` or call it once).
@@ -386,12 +388,41 @@ def pure_q_fn(model: keras.Model) -> tuple[QFn, Params]:
     # Copies, not the variables' own buffers: Keras' fit/predict donate those to
     # their compiled steps, which would delete arrays still held here.
     frozen = [jnp.array(v.value, copy=True) for v in model.non_trainable_variables]
+    input_shape = _input_shape(model)
 
     def q_fn(params: Params, obs: jax.Array) -> jax.Array:
+        if input_shape is not None:
+            _check_obs_shape(model.name, input_shape, jnp.shape(obs))
         q_values, _ = model.stateless_call(params, frozen, obs, training=False)
         return q_values
 
     return q_fn, [jnp.array(v.value, copy=True) for v in model.trainable_variables]
+
+
+def _input_shape(model: keras.Model) -> tuple[int | None, ...] | None:
+    """The shape of the model's one input, batch axis first; ``None`` if it has no single input."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):  # subclassed models built by a call have none
+        return None
+    if not inputs or len(inputs) != 1:
+        return None
+    return tuple(inputs[0].shape)
+
+
+def _check_obs_shape(name: str, expected: tuple[int | None, ...], got: tuple[int, ...]) -> None:
+    """A one-line ValueError when observations do not have the shape the model takes.
+
+    Runs when a jitted function is traced (shapes are static), not on every call.
+    """
+    fits = len(got) == len(expected) and all(
+        want is None or want == have for want, have in zip(expected[1:], got[1:])
+    )
+    if not fits:
+        dims = ", ".join("?" if d is None else str(d) for d in expected[1:])
+        raise ValueError(
+            f"observations have shape {tuple(got)}; model {name!r} takes (batch, {dims})"
+        )
 
 
 def write_params(model: keras.Model, params: Params) -> keras.Model:

@@ -137,6 +137,49 @@ def test_errors():
         fdqn.write_params(model, [np.zeros((1, 1))] + params[1:])
 
 
+@pytest.mark.parametrize("jit", [False, True])
+def test_observations_of_the_wrong_shape_are_one_line_errors(jit):
+    q_fn, params = fdqn.pure_q_fn(fdqn.nature_cnn(4))
+    apply = jax.jit(q_fn) if jit else q_fn
+    channels_last = np.zeros((2, 84, 84, 4), np.uint8)
+    with pytest.raises(ValueError) as e:
+        apply(params, channels_last)
+    assert str(e.value) == (
+        "observations have shape (2, 84, 84, 4); model 'nature_cnn' takes (batch, 4, 84, 84)"
+    )
+    with pytest.raises(ValueError, match=r"shape \(4, 84, 84\); model 'nature_cnn' takes"):
+        apply(params, np.zeros((4, 84, 84), np.uint8))  # no batch axis
+    assert apply(params, np.zeros((3, 4, 84, 84), np.uint8)).shape == (3, 4)
+    # through the update: the batch's fields agree with each other, not with the model
+    state = fdqn.create_train_state(
+        fdqn.mlp(2, obs_dim=4), fdqn.make_optimizer(), jax.random.key(0)
+    )
+    batch = fdqn.Batch(
+        obs=np.ones((4, 3), np.float32),
+        action=np.zeros(4, np.int32),
+        reward=np.ones(4, np.float32),
+        next_obs=np.zeros((4, 3), np.float32),
+        terminated=np.zeros(4, bool),
+    )
+    with pytest.raises(ValueError, match=r"shape \(4, 3\); model 'mlp' takes \(batch, 4\)"):
+        fdqn.update(state, batch)
+
+
+def test_models_without_a_keras_input_are_not_checked():
+    class TwoLayers(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden, self.out = keras.layers.Dense(8), keras.layers.Dense(2)
+
+        def call(self, x, training=False):
+            return self.out(self.hidden(x))
+
+    model = TwoLayers()
+    model(np.zeros((1, 3), np.float32))  # built by a call: no Input to check against
+    q_fn, params = fdqn.pure_q_fn(model)
+    assert jax.jit(q_fn)(params, np.ones((5, 3), np.float32)).shape == (5, 2)
+
+
 def test_seed_initializers_fixes_weights_as_keras_set_random_seed_does():
     def weights():
         return [np.asarray(w) for w in fdqn.mlp(2, obs_dim=4, hidden=(8,)).get_weights()]
