@@ -160,6 +160,8 @@ class ReplayMemory:
             raise ValueError(
                 f"capacity must be an integer of at least num_envs ({num_envs}), got {capacity!r}"
             )
+        if not all(isinstance(d, (int, np.integer)) and d >= 1 for d in obs_shape):
+            raise ValueError(f"obs_shape must be positive integers, got {tuple(obs_shape)}")
         self.obs_shape = tuple(int(d) for d in obs_shape)
         self.obs_dtype = np.dtype(obs_dtype)
         if frame_stack is not None:
@@ -257,10 +259,10 @@ class ReplayMemory:
             raise RuntimeError("call start(obs) with the first observations before add()")
         frame = self._frame_of(next_obs, "next_obs")
         autoreset = np.zeros(self.num_envs, bool) if autoreset is None else autoreset
-        action = self._column("action", action, "iu", "integer")
-        reward = self._column("reward", reward, "iufc", "number")
-        terminated = self._column("terminated", terminated, "b", "bool")
-        autoreset = self._column("autoreset", autoreset, "b", "bool")
+        action = self._column("action", action, "iu", "an integer")
+        reward = self._column("reward", reward, "iuf", "a real number")
+        terminated = self._column("terminated", terminated, "b", "a bool")
+        autoreset = self._column("autoreset", autoreset, "b", "a bool")
         slot = (self._writes - 1) % self.slots
         if np.count_nonzero(autoreset):
             keep = ~autoreset
@@ -282,7 +284,7 @@ class ReplayMemory:
         if value.shape != (self.num_envs,):
             raise ValueError(f"{name} must have shape ({self.num_envs},), got {value.shape}")
         if value.dtype.kind not in kinds:
-            raise ValueError(f"{name} must have a {kind_name} dtype, got {value.dtype}")
+            raise ValueError(f"{name} must have {kind_name} dtype, got {value.dtype}")
         return value
 
     # -- reading ---------------------------------------------------------------

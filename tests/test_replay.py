@@ -315,8 +315,12 @@ def test_bad_add_columns():
     memory = ReplayMemory(10, 2, (4, 3), np.uint8, frame_stack=4)
     memory.start(np.zeros((2, 4, 3), np.uint8))
     obs = np.zeros((2, 4, 3), np.uint8)
-    with pytest.raises(ValueError, match="action must have a integer dtype"):
+    with pytest.raises(ValueError, match="action must have an integer dtype"):
         memory.add(np.zeros(2), np.zeros(2), obs, np.zeros(2, bool))
+    with pytest.raises(ValueError, match="reward must have a real number dtype, got complex"):
+        memory.add(np.zeros(2, int), np.zeros(2, complex), obs, np.zeros(2, bool))
+    with pytest.raises(ValueError, match="terminated must have a bool dtype, got float"):
+        memory.add(np.zeros(2, int), np.zeros(2), obs, np.zeros(2))
     with pytest.raises(ValueError, match=r"reward must have shape \(2,\)"):
         memory.add(np.zeros(2, int), np.zeros(3), obs, np.zeros(2, bool))
     assert len(memory) == 0
@@ -328,6 +332,8 @@ def test_bad_add_columns():
         ((1, 2, (4,)), "capacity must be an integer of at least num_envs"),
         ((10, 0, (4,)), "num_envs must be a positive integer"),
         ((10, 1, (3, 84, 84), np.uint8, 4), "frame_stack=4 needs observations of shape"),
+        ((10, 1, (4, -84)), r"obs_shape must be positive integers, got \(4, -84\)"),
+        ((10, 1, (4, 8.5)), r"obs_shape must be positive integers, got \(4, 8.5\)"),
     ],
 )
 def test_bad_construction(args, message):
