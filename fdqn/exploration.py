@@ -32,6 +32,8 @@ def epsilon_greedy(key: jax.Array, q_values: jax.Array, epsilon: chex.Numeric) -
       ``(num_envs,)`` int32 actions.
     """
     chex.assert_rank(q_values, 2)
+    if isinstance(epsilon, (int, float, np.integer, np.floating)) and not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
     num_envs, num_actions = q_values.shape
     explore_key, action_key = jax.random.split(key)
     explore = jax.random.uniform(explore_key, (num_envs,)) < epsilon

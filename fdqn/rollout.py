@@ -99,7 +99,9 @@ class Rollout:
           ``(scores, lengths)`` of the games that ended on this step: true
           (unclipped, all-lives) scores and lengths in agent steps; usually empty.
         """
-        if epsilon >= 1.0:
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        if epsilon == 1.0:
             actions = self._rng.integers(0, self.num_actions, self.num_envs, dtype=np.int32)
         else:
             self.key, actions = _act(self.q_fn, params, self.key, self.obs, epsilon)

@@ -64,3 +64,9 @@ def test_linear_schedule(variant):
 def test_bad_schedule_arguments(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("epsilon", [-0.1, 1.5])
+def test_epsilon_outside_zero_one_is_refused(epsilon):
+    with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\], got"):
+        epsilon_greedy(jax.random.key(0), Q[:4], epsilon)

@@ -3,6 +3,7 @@
 import gymnasium as gym
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from fdqn import Rollout
 
@@ -138,3 +139,12 @@ def test_during_runs_after_the_step_for_envs_that_cannot_split_it():
     seen = []
     rollout.step(1.0, epsilon=0.0, during=lambda: seen.append(len(memory.calls)))
     assert seen == [1] and len(memory.calls) == 2  # start only, then the step's add
+
+
+def test_epsilon_outside_zero_one_is_refused_before_the_envs_step():
+    memory = RecordingMemory()
+    rollout = Rollout(ScriptedEnv(), q_fn, memory, seed=0)
+    for epsilon in (-0.5, 1.01):
+        with pytest.raises(ValueError, match=r"epsilon must be in \[0, 1\]"):
+            rollout.step(1.0, epsilon=epsilon)
+    assert rollout.agent_steps == 0 and len(memory.calls) == 1  # start only
