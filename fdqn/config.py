@@ -281,7 +281,7 @@ def load_config(run_dir: str) -> Config:
         raise ValueError(f"{path} is not a valid fdqn config: {'; '.join(parts)}")
     for field in dataclasses.fields(Config):
         if not _json_value_fits(data[field.name], field.default):
-            kind = _JSON_KINDS[type(field.default)]
+            kind = _JSON_KINDS.get(type(field.default), type(field.default).__name__)
             raise ValueError(
                 f"{path} is not a valid fdqn config: {field.name} must be {kind}, "
                 f"got {data[field.name]!r}"
