@@ -250,6 +250,15 @@ def make_network(config: Config, env: Any) -> Any:
     return networks.mlp(num_actions, obs_dim=int(shape[0]), hidden=config.hidden)
 
 
+CONFIG_FILE = "config.json"
+
+
+def save_config(config: Config, run_dir: str) -> None:
+    """Writes ``config`` to the run directory's ``config.json``, which :func:`load_config` reads."""
+    with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+
+
 def load_config(run_dir: str) -> Config:
     """The validated config saved in a run directory's ``config.json``.
 
@@ -258,7 +267,7 @@ def load_config(run_dir: str) -> Config:
         a file that cannot be read or is not JSON, fields missing or unknown,
         or a value :meth:`Config.validate` rejects.
     """
-    path = os.path.join(run_dir, "config.json")
+    path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.isdir(run_dir):
         what = "is not a directory" if os.path.exists(run_dir) else "does not exist"
         raise ValueError(f"{run_dir} {what}: give the run directory fdqn.train wrote")

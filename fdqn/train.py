@@ -37,6 +37,7 @@ from fdqn.config import (
     make_env,
     make_network,
     preset,
+    save_config,
 )
 from fdqn.evaluate import evaluate
 from fdqn.exploration import exponential_epsilon, linear_epsilon
@@ -491,8 +492,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.makedirs(run_dir, exist_ok=True)
     if resume_dir is None:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        save_config(config, run_dir)
     try:
         summary = train(config, run_dir, resume=resume_dir is not None, run=run)
     except NonFiniteLoss as e:

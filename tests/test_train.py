@@ -1,6 +1,5 @@
 """The training program end to end, with tiny budgets."""
 
-import dataclasses
 import io
 import json
 import os
@@ -8,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from fdqn import checkpoint, replay, train
-from fdqn.config import Config, ConfigError, load_config, preset
+from fdqn.config import Config, ConfigError, load_config, preset, save_config
 from fdqn.evaluate import evaluate, load_run
 
 CARTPOLE_TINY = dict(
@@ -243,8 +243,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
     run_dir = str(tmp_path / "run")
     config = tiny_cartpole(total_steps=200, checkpoint_every=0, eval_every=0)
     os.makedirs(run_dir)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(config.__dict__ | {"hidden": list(config.hidden)}, f)
+    save_config(config, run_dir)
     train.train(config, run_dir, stream=open(os.devnull, "w"))
     path = checkpoint.latest_checkpoint(run_dir)
     arrays = os.path.join(path, "arrays.npz")
@@ -332,9 +331,11 @@ def test_config_errors_name_the_field():
 
 
 def _saved_config(**changes):
-    data = dataclasses.asdict(preset("cartpole"))
-    data["hidden"] = list(data["hidden"])
-    return json.dumps({**data, **changes})
+    """The text of a saved cartpole config with some values changed."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        save_config(preset("cartpole"), run_dir)
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return json.dumps({**json.load(f), **changes})
 
 
 @pytest.mark.parametrize(
