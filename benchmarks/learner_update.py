@@ -1,4 +1,4 @@
-"""Time of one ``fdqn.update`` under different XLA:CPU flags and malloc settings, side by side.
+"""Time of one ``fdqn.update`` under different XLA:CPU flags, malloc settings and dtype policies.
 
 Two configurations: the Nature CNN with batch 32 and Adam, and the notebook's
 network with batch 64 and RMSProp. XLA reads its flags once per process, and
@@ -7,10 +7,11 @@ the subprocesses alternate, the order rotating from round to round, so that
 machine drift hits all of them. Each times ``--updates`` updates after a
 warm-up (compilation excluded) and counts the page faults they take. Medians
 of the per-round means are reported, and for fdqn's own settings the
-per-round ratios to glibc's malloc defaults (``FDQN_MALLOC=system``). The last
+per-round ratios to glibc's malloc defaults (``FDQN_MALLOC=system``) and to
+bfloat16 compute (the networks' ``dtype_policy="mixed_bfloat16"``). The last
 line of output is one JSON object.
 
-    python benchmarks/learner_update.py [--rounds 3] [--updates 30]
+    python benchmarks/learner_update.py [--rounds 3] [--updates 30] [--variants NAME ...]
 """
 
 import argparse
@@ -21,26 +22,30 @@ import subprocess
 import sys
 
 FDQN_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-# name: (XLA_FLAGS, FDQN_MALLOC)
+# name: (XLA_FLAGS, FDQN_MALLOC, the networks' dtype policy)
 VARIANTS = {
-    "default": ("", "tuned"),  # jaxlib 0.10: convolutions and dots in YNNPACK
-    "ynn_dot": ("--xla_cpu_experimental_ynn_fusion_type=dot", "tuned"),
-    "ynn_each_dot": (FDQN_FLAGS, "tuned"),  # fdqn on CPU
-    "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", "tuned"),  # fdqn on CPU before
-    "system_malloc": (FDQN_FLAGS, "system"),  # fdqn's flags, glibc's malloc defaults
+    "default": ("", "tuned", "float32"),  # jaxlib 0.10: convolutions and dots in YNNPACK
+    "ynn_dot": ("--xla_cpu_experimental_ynn_fusion_type=dot", "tuned", "float32"),
+    "ynn_each_dot": (FDQN_FLAGS, "tuned", "float32"),  # fdqn on CPU
+    "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", "tuned", "float32"),
+    "system_malloc": (FDQN_FLAGS, "system", "float32"),  # glibc's malloc defaults
+    "mixed_bf16": (FDQN_FLAGS, "tuned", "mixed_bfloat16"),  # bfloat16 layers
 }
+# (variant, the variant it is compared with round by round)
+PAIRS = (("ynn_each_dot", "system_malloc"), ("mixed_bf16", "ynn_each_dot"))
 
 WORKER = r"""
 import json, resource, sys, time
 import jax, numpy as np
 import fdqn
 
-name, updates = sys.argv[1], int(sys.argv[2])
+name, updates, policy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 fdqn.seed_initializers(0)  # the same weights under every flag set: the losses are comparable
 if name == "nature":
-    model, batch, opt = fdqn.nature_cnn(4), 32, fdqn.make_optimizer("adam", 1e-4)
+    model = fdqn.nature_cnn(4, dtype_policy=policy)
+    batch, opt = 32, fdqn.make_optimizer("adam", 1e-4)
 else:
-    model, batch = fdqn.notebook_cnn(4), 64
+    model, batch = fdqn.notebook_cnn(4, dtype_policy=policy), 64
     opt = fdqn.make_optimizer("rmsprop", 1e-3, clip="per_tensor", max_grad_norm=1.0)
 state = fdqn.create_train_state(model, opt, jax.random.key(0))
 rng = np.random.default_rng(0)
@@ -70,12 +75,12 @@ print(json.dumps({"ms": ms, "compile_s": compile_s, "loss": float(m["loss"]), "f
 
 
 def run(config: str, variant: str, updates: int) -> dict:
-    flags, malloc = VARIANTS[variant]
+    flags, malloc, policy = VARIANTS[variant]
     env = dict(os.environ)
     env["XLA_FLAGS"] = flags  # even "" (XLA's defaults): fdqn leaves a set XLA_FLAGS alone
     env["FDQN_MALLOC"] = malloc
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, config, str(updates)],
+        [sys.executable, "-c", WORKER, config, str(updates), policy],
         env=env,
         capture_output=True,
         text=True,
@@ -88,9 +93,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument(
+        "--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS), metavar="NAME"
+    )
     args = parser.parse_args()
     results = {}
-    names = list(VARIANTS)
+    names = list(dict.fromkeys(args.variants))
     for config in ("nature", "notebook"):
         runs = {name: [] for name in names}
         for i in range(args.rounds):
@@ -105,22 +113,25 @@ def main() -> int:
             }
             for name in names
         }
-        ratios = [a["ms"] / b["ms"] for a, b in zip(runs["ynn_each_dot"], runs["system_malloc"])]
-        results[config]["fdqn_over_system_malloc_rounds"] = ratios
-        base = results[config]["default"]["ms_per_update"]
+        base_name = names[0]
+        base = results[config][base_name]["ms_per_update"]
         for name in names:
             r = results[config][name]
             print(
                 f"{config:>8} {name:>13}: {r['ms_per_update']:6.1f} ms/update "
-                f"(x{r['ms_per_update'] / base:.2f} of default), "
+                f"(x{r['ms_per_update'] / base:.2f} of {base_name}), "
                 f"{r['page_faults_per_update']:6.0f} page faults/update, "
                 f"compile {r['compile_s']:.1f} s, loss {r['loss_after_34_updates']:.6g}"
             )
-        print(
-            f"{config:>8} ynn_each_dot / system_malloc per round: "
-            + " ".join(f"{x:.2f}" for x in ratios)
-            + f" (median {statistics.median(ratios):.2f})"
-        )
+        for a, b in PAIRS:
+            if a in runs and b in runs:
+                ratios = [x["ms"] / y["ms"] for x, y in zip(runs[a], runs[b])]
+                results[config][f"{a}_over_{b}_rounds"] = ratios
+                print(
+                    f"{config:>8} {a} / {b} per round: "
+                    + " ".join(f"{x:.2f}" for x in ratios)
+                    + f" (median {statistics.median(ratios):.2f})"
+                )
     print(json.dumps(results))
     return 0
 

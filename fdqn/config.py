@@ -25,6 +25,7 @@ from typing import Any
 from fdqn import envs
 
 NETWORKS = ("nature", "notebook", "mlp")
+DTYPE_POLICIES = ("float32", "mixed_bfloat16")  # fdqn.networks.DTYPE_POLICIES
 SCHEDULES = ("linear", "exponential")
 TARGET_UNITS = ("steps", "episodes")
 
@@ -48,6 +49,11 @@ class Config:
     env: str = _field("BreakoutNoFrameskip-v4", "environment id (Atari game or gymnasium id)")
     network: str = _field("nature", f"Q-network: one of {', '.join(NETWORKS)}")
     hidden: tuple[int, ...] = _field((64, 64), "hidden widths of the mlp network, e.g. 128,128")
+    dtype_policy: str = _field(
+        "float32",
+        "network compute dtype: float32, or mixed_bfloat16 (float32 weights, bfloat16 layers, "
+        "float32 Q-values; for accelerators with bfloat16 matrix units)",
+    )
     total_steps: int = _field(10_000_000, "agent steps to train for, over all environments")
     total_episodes: int = _field(0, "stop after this many finished games as well (0: no limit)")
     num_envs: int = _field(8, "environments stepped together as one batch")
@@ -131,6 +137,7 @@ class Config:
             )
         choices = {
             "network": NETWORKS,
+            "dtype_policy": DTYPE_POLICIES,
             "optimizer": ("adam", "rmsprop"),
             "clip": ("global", "per_tensor", "none"),
             "loss_reduction": ("mean", "sum"),
@@ -243,14 +250,18 @@ def make_network(config: Config, env: Any) -> Any:
 
     num_actions = int(env.single_action_space.n)
     shape = env.single_observation_space.shape
+    policy = config.dtype_policy
     if config.network == "nature":
-        return networks.nature_cnn(num_actions, shape)
+        return networks.nature_cnn(num_actions, shape, dtype_policy=policy)
     if config.network == "notebook":
-        return networks.notebook_cnn(num_actions, shape)
-    return networks.mlp(num_actions, obs_dim=int(shape[0]), hidden=config.hidden)
+        return networks.notebook_cnn(num_actions, shape, dtype_policy=policy)
+    return networks.mlp(num_actions, int(shape[0]), config.hidden, dtype_policy=policy)
 
 
 CONFIG_FILE = "config.json"
+# Config fields added after runs were written with fdqn, and the value each such
+# run had in effect: a config.json without them loads with these values.
+FIELDS_ADDED_LATER: dict[str, Any] = {"dtype_policy": "float32"}
 
 
 def save_config(config: Config, run_dir: str) -> None:
@@ -283,6 +294,8 @@ def load_config(run_dir: str) -> Config:
     if not isinstance(data, dict):
         raise ValueError(f"{path} is not a valid fdqn config: expected a JSON object")
     names = {field.name for field in dataclasses.fields(Config)}
+    # fields newer than the run: the value that gives the behaviour the run had
+    data = {**{k: v for k, v in FIELDS_ADDED_LATER.items() if k not in data}, **data}
     missing, unknown = sorted(names - set(data)), sorted(set(data) - names)
     if missing or unknown:
         parts = [f"missing fields {', '.join(missing)}"] if missing else []

@@ -26,6 +26,9 @@ Params = list  # the model's trainable arrays, in ``model.trainable_variables`` 
 QFn = Callable[[Params, jax.Array], jax.Array]
 
 ATARI_OBS_SHAPE = (4, 84, 84)
+# Keras dtype policies the networks take: float32 throughout, or bfloat16 compute
+# with float32 variables ("mixed_bfloat16"), the Q-value layer staying float32.
+DTYPE_POLICIES = ("float32", "mixed_bfloat16")
 
 
 def seed_initializers(seed: int) -> None:
@@ -239,7 +242,9 @@ def _strided_conv_layer(space_to_depth: bool | None) -> Callable[..., keras.laye
     return make
 
 
-def _pixel_stem(obs_shape: Sequence[int], scale_obs: bool) -> list[keras.layers.Layer]:
+def _pixel_stem(
+    obs_shape: Sequence[int], scale_obs: bool, dtype_policy: str
+) -> list[keras.layers.Layer]:
     """Input, scaling to [0, 1] and a channels-first to channels-last transpose."""
     if len(obs_shape) != 3:
         raise ValueError(
@@ -247,9 +252,19 @@ def _pixel_stem(obs_shape: Sequence[int], scale_obs: bool) -> list[keras.layers.
         )
     return [
         keras.Input(shape=tuple(obs_shape), dtype="uint8", name="obs"),
-        keras.layers.Rescaling(1.0 / 255.0 if scale_obs else 1.0, name="scale"),
-        keras.layers.Permute((2, 3, 1), name="channels_last"),
+        keras.layers.Rescaling(1.0 / 255.0 if scale_obs else 1.0, name="scale", dtype=dtype_policy),
+        keras.layers.Permute((2, 3, 1), name="channels_last", dtype=dtype_policy),
     ]
+
+
+def _check_dtype_policy(dtype_policy: str) -> None:
+    if dtype_policy not in DTYPE_POLICIES:
+        raise ValueError(f"dtype_policy must be one of {DTYPE_POLICIES}, got {dtype_policy!r}")
+
+
+def _q_values_layer(num_actions: int) -> keras.layers.Dense:
+    """The output layer: float32 under every policy, so Q-values and the TD loss are float32."""
+    return keras.layers.Dense(num_actions, name="q_values", dtype="float32")
 
 
 def _check_num_actions(num_actions: int) -> None:
@@ -261,6 +276,7 @@ def nature_cnn(
     num_actions: int,
     obs_shape: Sequence[int] = ATARI_OBS_SHAPE,
     space_to_depth: bool | None = None,
+    dtype_policy: str = "float32",
 ) -> keras.Model:
     """The DQN network of Mnih et al. (2015, Nature), with ReLU activations.
 
@@ -273,22 +289,30 @@ def nature_cnn(
       space_to_depth: make the two strided convolutions
         :class:`SpaceToDepthConv2D` (same weights, outputs and gradients, a
         faster input gradient); ``None`` does so when JAX runs on the CPU.
+      dtype_policy: one of :data:`DTYPE_POLICIES`. ``"mixed_bfloat16"`` keeps
+        the variables (and so the parameters, gradients and optimizer state)
+        float32 and computes every layer but the last in bfloat16, for
+        accelerators with bfloat16 matrix units; the Q-value layer computes in
+        float32. Q-values differ from float32 ones by bfloat16 rounding (about
+        3 significant digits).
 
     Returns:
       A built ``keras.Sequential`` mapping uint8
       ``(N, *obs_shape)`` to float32 ``(N, num_actions)``.
     """
     _check_num_actions(num_actions)
+    _check_dtype_policy(dtype_policy)
     conv = _strided_conv_layer(space_to_depth)
+    policy = dict(dtype=dtype_policy)
     return keras.Sequential(
         [
-            *_pixel_stem(obs_shape, scale_obs=True),
-            conv(32, 8, strides=4, activation="relu", name="conv1"),
-            conv(64, 4, strides=2, activation="relu", name="conv2"),
-            keras.layers.Conv2D(64, 3, strides=1, activation="relu", name="conv3"),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(512, activation="relu", name="fc"),
-            keras.layers.Dense(num_actions, name="q_values"),
+            *_pixel_stem(obs_shape, scale_obs=True, dtype_policy=dtype_policy),
+            conv(32, 8, strides=4, activation="relu", name="conv1", **policy),
+            conv(64, 4, strides=2, activation="relu", name="conv2", **policy),
+            keras.layers.Conv2D(64, 3, strides=1, activation="relu", name="conv3", **policy),
+            keras.layers.Flatten(name="flatten", **policy),
+            keras.layers.Dense(512, activation="relu", name="fc", **policy),
+            _q_values_layer(num_actions),
         ],
         name="nature_cnn",
     )
@@ -299,6 +323,7 @@ def notebook_cnn(
     obs_shape: Sequence[int] = ATARI_OBS_SHAPE,
     scale_obs: bool = True,
     space_to_depth: bool | None = None,
+    dtype_policy: str = "float32",
 ) -> keras.Model:
     """The network of the TF notebook fdqn started from, layer for layer.
 
@@ -317,6 +342,7 @@ def notebook_cnn(
         first also computes its forward pass in the space-to-depth form, which
         XLA:CPU runs faster for its 4 input channels and 5x5 kernel);
         ``None`` does so when JAX runs on the CPU.
+      dtype_policy: one of :data:`DTYPE_POLICIES`, as in :func:`nature_cnn`.
 
     Returns:
       A ``keras.Sequential``; after the transpose to channels-last its
@@ -324,40 +350,51 @@ def notebook_cnn(
       the notebook's ``tf.keras`` model, so weights carry over unchanged.
     """
     _check_num_actions(num_actions)
+    _check_dtype_policy(dtype_policy)
     conv = _strided_conv_layer(space_to_depth)
+    policy = dict(dtype=dtype_policy)
     return keras.Sequential(
         [
-            *_pixel_stem(obs_shape, scale_obs=scale_obs),
-            conv(16, 5, strides=2, forward="space_to_depth", name="conv1"),
-            conv(32, 5, strides=2, name="conv2"),
-            conv(32, 5, strides=2, name="conv3"),
-            keras.layers.Flatten(name="flatten"),
-            keras.layers.Dense(num_actions, name="q_values"),
+            *_pixel_stem(obs_shape, scale_obs=scale_obs, dtype_policy=dtype_policy),
+            conv(16, 5, strides=2, forward="space_to_depth", name="conv1", **policy),
+            conv(32, 5, strides=2, name="conv2", **policy),
+            conv(32, 5, strides=2, name="conv3", **policy),
+            keras.layers.Flatten(name="flatten", **policy),
+            _q_values_layer(num_actions),
         ],
         name="notebook_cnn",
     )
 
 
-def mlp(num_actions: int, obs_dim: int, hidden: Sequence[int] = (64, 64)) -> keras.Model:
+def mlp(
+    num_actions: int,
+    obs_dim: int,
+    hidden: Sequence[int] = (64, 64),
+    dtype_policy: str = "float32",
+) -> keras.Model:
     """A ReLU multi-layer perceptron for vector observations (CartPole and friends).
 
     Args:
       num_actions: size of the discrete action space.
       obs_dim: length of one observation vector.
       hidden: widths of the hidden layers.
+      dtype_policy: one of :data:`DTYPE_POLICIES`, as in :func:`nature_cnn`.
 
     Returns:
-      A ``keras.Sequential`` mapping float ``(N, obs_dim)`` to ``(N, num_actions)``.
+      A ``keras.Sequential`` mapping float ``(N, obs_dim)`` to float32 ``(N, num_actions)``.
     """
     _check_num_actions(num_actions)
+    _check_dtype_policy(dtype_policy)
     if not isinstance(obs_dim, (int, np.integer)) or obs_dim < 1:
         raise ValueError(f"obs_dim must be a positive integer, got {obs_dim!r}")
     if any((not isinstance(h, (int, np.integer))) or h < 1 for h in hidden):
         raise ValueError(f"hidden widths must be positive integers, got {tuple(hidden)}")
     layers: list[Any] = [keras.Input(shape=(int(obs_dim),), dtype="float32", name="obs")]
     for i, width in enumerate(hidden):
-        layers.append(keras.layers.Dense(int(width), activation="relu", name=f"fc{i + 1}"))
-    layers.append(keras.layers.Dense(num_actions, name="q_values"))
+        layers.append(
+            keras.layers.Dense(int(width), activation="relu", name=f"fc{i + 1}", dtype=dtype_policy)
+        )
+    layers.append(_q_values_layer(num_actions))
     return keras.Sequential(layers, name="mlp")
 
 

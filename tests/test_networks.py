@@ -390,3 +390,77 @@ def test_pixel_networks_with_and_without_space_to_depth_agree(network, space_to_
     got = jax.jit(jax.grad(loss(q_fn)))(params)
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * float(np.max(np.abs(b))))
+
+
+def _mixed_and_float32(network):
+    """The same network (same weights) built under both dtype policies."""
+    build = {
+        "nature": lambda policy: fdqn.nature_cnn(4, dtype_policy=policy),
+        "notebook": lambda policy: fdqn.notebook_cnn(4, dtype_policy=policy),
+        "mlp": lambda policy: fdqn.mlp(2, obs_dim=4, dtype_policy=policy),
+    }[network]
+    reference = build("float32")
+    mixed = build("mixed_bfloat16")
+    mixed.set_weights([np.asarray(v.value) for v in reference.weights])
+    if network == "mlp":
+        obs = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32)
+    else:
+        obs = atari_obs()
+    return reference, mixed, obs
+
+
+@pytest.mark.parametrize("network", ["nature", "notebook", "mlp"])
+@pytest.mark.parametrize("jit", [False, True])
+def test_mixed_bfloat16_computes_in_bfloat16_with_float32_params_and_q_values(network, jit):
+    reference, mixed, obs = _mixed_and_float32(network)
+    q_ref, params = fdqn.pure_q_fn(reference)
+    q_mixed, mixed_params = fdqn.pure_q_fn(mixed)
+    assert all(p.dtype == jnp.float32 for p in mixed_params)
+    apply = jax.jit(q_mixed) if jit else q_mixed
+    got, want = apply(params, obs), q_ref(params, obs)
+    assert got.dtype == jnp.float32
+    # bfloat16 keeps 8 significant bits: a few parts in a thousand per layer
+    scale = float(np.max(np.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=0.05, atol=0.03 * scale)
+    assert not np.array_equal(got, want)  # the layers did compute in bfloat16
+    jaxpr = str(jax.make_jaxpr(q_mixed)(params, obs))
+    assert "bf16" in jaxpr
+    # the output layer runs in float32: its product takes float32 operands
+    last_dot = [line for line in jaxpr.splitlines() if "dot_general" in line][-1]
+    assert "bf16" not in last_dot.split("=", 1)[0]
+
+
+@pytest.mark.parametrize("network", ["nature", "mlp"])
+def test_mixed_bfloat16_update_keeps_float32_state_and_a_close_loss(network):
+    reference, mixed, obs = _mixed_and_float32(network)
+    rng = np.random.default_rng(1)
+    n, actions = len(obs), 4 if network == "nature" else 2
+    batch = fdqn.Batch(
+        obs=obs,
+        action=rng.integers(0, actions, n),
+        reward=rng.normal(size=n).astype(np.float32),
+        next_obs=obs[::-1].copy(),
+        terminated=np.arange(n) == 0,
+    )
+    opt = fdqn.make_optimizer("adam", 1e-3)
+    states = [fdqn.create_train_state(m, opt, jax.random.key(0)) for m in (reference, mixed)]
+    (ref_state, ref_metrics), (state, metrics) = [fdqn.update(s, batch) for s in states]
+    assert metrics["loss"].dtype == jnp.float32
+    leaves = jax.tree.leaves((state.params, state.target_params, state.opt_state))
+    assert all(x.dtype in (jnp.float32, jnp.int32) for x in leaves)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=0.05)
+    # gradient directions agree: Adam's first step moves each weight by about lr * sign(grad)
+    moved = [a - b for a, b in zip(state.params, states[1].params)]
+    ref_moved = [a - b for a, b in zip(ref_state.params, states[0].params)]
+    same_sign = np.mean(
+        np.concatenate([np.sign(a).ravel() == np.sign(b).ravel() for a, b in zip(moved, ref_moved)])
+    )
+    assert same_sign > 0.9
+
+
+def test_dtype_policy_errors():
+    for build in (fdqn.nature_cnn, fdqn.notebook_cnn):
+        with pytest.raises(ValueError, match=r"dtype_policy must be one of \('float32'"):
+            build(4, dtype_policy="float16")
+    with pytest.raises(ValueError, match="dtype_policy must be one of"):
+        fdqn.mlp(2, obs_dim=4, dtype_policy="bfloat16")

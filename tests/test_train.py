@@ -1,5 +1,6 @@
 """The training program end to end, with tiny budgets."""
 
+import dataclasses
 import io
 import json
 import os
@@ -15,7 +16,15 @@ import numpy as np
 import pytest
 
 from fdqn import checkpoint, replay, train
-from fdqn.config import Config, ConfigError, load_config, preset, save_config
+from fdqn.config import (
+    DTYPE_POLICIES,
+    FIELDS_ADDED_LATER,
+    Config,
+    ConfigError,
+    load_config,
+    preset,
+    save_config,
+)
 from fdqn.evaluate import evaluate, load_run
 
 CARTPOLE_TINY = dict(
@@ -353,6 +362,10 @@ def _saved_config(**changes):
         (_saved_config(hidden=5).encode(), "config: hidden must be a list of integers, got 5"),
         (_saved_config(env=None).encode(), "config: env must be a string, got None"),
         (_saved_config(lr=7.0).encode(), "--lr: must be in (0, 1], got 7.0"),
+        (
+            _saved_config(dtype_policy="float16").encode(),
+            "--dtype-policy: must be one of float32, mixed_bfloat16, got 'float16'",
+        ),
     ],
 )
 def test_load_config_rejects_what_is_not_a_saved_config(tmp_path, contents, message):
@@ -368,3 +381,28 @@ def test_load_config_reads_back_what_was_saved_and_rejects_a_file_as_run_dir(tmp
     assert load_config(str(tmp_path)) == preset("cartpole")
     with pytest.raises(ValueError, match="config.json is not a directory"):
         load_config(str(tmp_path / "config.json"))
+
+
+def test_config_of_a_run_written_before_dtype_policy_loads_as_float32(tmp_path):
+    saved = json.loads(_saved_config())
+    del saved["dtype_policy"]  # as fdqn wrote config.json before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_config(str(tmp_path)).dtype_policy == "float32"
+    assert set(FIELDS_ADDED_LATER) <= {f.name for f in dataclasses.fields(Config)}
+
+
+def test_dtype_policy_reaches_the_network():
+    from fdqn import networks
+    from fdqn.config import make_env, make_network
+
+    assert networks.DTYPE_POLICIES == DTYPE_POLICIES  # the config's list is kept in step
+    cfg = preset("cartpole").replace(dtype_policy="mixed_bfloat16", hidden=(8,)).validate()
+    env = make_env(cfg)
+    try:
+        model = make_network(cfg, env)
+    finally:
+        env.close()
+    assert [layer.dtype_policy.name for layer in model.layers] == [
+        "mixed_bfloat16",
+        "float32",
+    ]
