@@ -103,7 +103,10 @@ def _accelerator_installed() -> bool:
 # blocks taken from the heap instead (no mmap), and freed memory kept for reuse
 # (trim threshold, top pad), the scratch stays mapped from call to call:
 # python benchmarks/learner_update.py compares both (rows ynn_each_dot and
-# system_malloc of benchmarks/results/learner_update.txt).
+# system_malloc of benchmarks/results/learner_update.txt). The price is the whole
+# process's: large zero-filled arrays (calloc, np.zeros) come from the heap too,
+# where glibc sometimes clears them page by page at allocation instead of leaving
+# the pages unmapped until first written (benchmarks/zeros_residency.py).
 MALLOC_SETTINGS = {"M_MMAP_MAX": 0, "M_TRIM_THRESHOLD": 256 << 20, "M_TOP_PAD": 64 << 20}
 # The same settings as glibc's environment variables, read when a process starts:
 # for processes that do not import fdqn (the baselines of benchmarks/compare.py).
