@@ -2,11 +2,11 @@
 
 With fdqn's settings (``fdqn._backend.MALLOC_SETTINGS``: no mmap for large
 blocks) a large ``np.zeros`` (a ``calloc``) comes from the heap, and glibc
-clears such a block itself, writing every page, whenever the block does not
-start at the heap's old top (after free chunks were merged into it, say). On
-glibc's defaults the block gets its own mapping, whose pages the kernel maps
-only when they are first written. Which case a process hits depends on what it
-freed before, so this starts the CleanRL-style worker of
+clears such a block itself, writing every page, unless it can tell the memory
+is fresh from the kernel. On glibc's defaults the block gets its own mapping,
+whose pages the kernel maps only when they are first written. Which case a
+process hits depends on what it freed before, so this starts the CleanRL-style
+worker of
 ``benchmarks/compare.py`` (which allocates two numpy buffers of 100,000 Atari
 observations, 2.8 GB each, after building its env and network) many times
 under each setting, alternating, and reads its peak RSS before it takes a step.
