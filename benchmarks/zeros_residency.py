@@ -6,10 +6,10 @@ clears such a block itself, writing every page, unless it can tell the memory
 is fresh from the kernel. On glibc's defaults the block gets its own mapping,
 whose pages the kernel maps only when they are first written. Which case a
 process hits depends on what it freed before, so this starts the CleanRL-style
-worker of
-``benchmarks/compare.py`` (which allocates two numpy buffers of 100,000 Atari
-observations, 2.8 GB each, after building its env and network) many times
-under each setting, alternating, and reads its peak RSS before it takes a step.
+worker of ``benchmarks/compare.py`` (which allocates two numpy buffers of
+100,000 Atari observations, 2.8 GB each, after building its env and network)
+many times under each setting, alternating, and reads its peak RSS before it
+takes a step.
 The last line of output is one JSON object.
 
     python benchmarks/zeros_residency.py [--starts 12]
