@@ -249,7 +249,11 @@ def plot_learning_curve(run_dir: str, title: str, smooth: int = 20) -> str | Non
     ax.set_ylabel("score (unclipped, whole game)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
+    if episodes or evals:
+        ax.legend(loc="upper left")
+    else:  # a run stopped before its first game ended: an empty plot that says so
+        ax.text(0.5, 0.5, "no finished games or evaluations yet", ha="center",
+                transform=ax.transAxes)  # fmt: skip
     path = os.path.join(run_dir, "learning_curve.png")
     fig.tight_layout()
     fig.savefig(path)

@@ -1,6 +1,8 @@
 """Progress display and metrics files."""
 
 import io
+import os
+import warnings
 
 import numpy as np
 
@@ -52,3 +54,10 @@ def test_metrics_files_and_truncation_on_resume(tmp_path):
         reporting.read_csv(str(tmp_path / "metrics.csv"))["step"], [10, 20]
     )
     assert reporting.plot_learning_curve(str(tmp_path), "test").endswith("learning_curve.png")
+
+
+def test_learning_curve_of_a_run_without_games_is_drawn_without_warnings(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a legend has no entries
+        path = reporting.plot_learning_curve(str(tmp_path), "no games yet")
+    assert os.path.getsize(path) > 0
