@@ -23,9 +23,9 @@ import os
 from typing import Any
 
 from fdqn import envs
+from fdqn.networks import DTYPE_POLICIES
 
 NETWORKS = ("nature", "notebook", "mlp")
-DTYPE_POLICIES = ("float32", "mixed_bfloat16")  # fdqn.networks.DTYPE_POLICIES
 SCHEDULES = ("linear", "exponential")
 TARGET_UNITS = ("steps", "episodes")
 

@@ -17,7 +17,6 @@ import pytest
 
 from fdqn import checkpoint, replay, train
 from fdqn.config import (
-    DTYPE_POLICIES,
     FIELDS_ADDED_LATER,
     Config,
     ConfigError,
@@ -392,10 +391,8 @@ def test_config_of_a_run_written_before_dtype_policy_loads_as_float32(tmp_path):
 
 
 def test_dtype_policy_reaches_the_network():
-    from fdqn import networks
     from fdqn.config import make_env, make_network
 
-    assert networks.DTYPE_POLICIES == DTYPE_POLICIES  # the config's list is kept in step
     cfg = preset("cartpole").replace(dtype_policy="mixed_bfloat16", hidden=(8,)).validate()
     env = make_env(cfg)
     try:
