@@ -22,7 +22,7 @@ import math
 import os
 from typing import Any
 
-from fdqn import envs
+from fdqn import envs, networks
 from fdqn.networks import DTYPE_POLICIES
 
 NETWORKS = ("nature", "notebook", "mlp")
@@ -246,8 +246,6 @@ def make_env(config: Config, num_envs: int | None = None, clip_rewards: bool = T
 
 def make_network(config: Config, env: Any) -> Any:
     """The Keras Q-network (a ``keras.Model``) for ``env``'s observations and actions."""
-    from fdqn import networks
-
     num_actions = int(env.single_action_space.n)
     shape = env.single_observation_space.shape
     policy = config.dtype_policy

@@ -16,6 +16,12 @@ import numpy as np
 Schedule = Callable[[chex.Numeric], chex.Numeric]
 
 
+def check_epsilon(epsilon: Any) -> None:
+    """A one-line ValueError for a concrete epsilon outside [0, 1]; traced values pass unchecked."""
+    if isinstance(epsilon, (int, float, np.integer, np.floating)) and not 0.0 <= epsilon <= 1.0:
+        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+
+
 def epsilon_greedy(key: jax.Array, q_values: jax.Array, epsilon: chex.Numeric) -> jax.Array:
     """Chooses the greedy action, or a uniformly random one with probability epsilon.
 
@@ -32,8 +38,7 @@ def epsilon_greedy(key: jax.Array, q_values: jax.Array, epsilon: chex.Numeric) -
       ``(num_envs,)`` int32 actions.
     """
     chex.assert_rank(q_values, 2)
-    if isinstance(epsilon, (int, float, np.integer, np.floating)) and not 0.0 <= epsilon <= 1.0:
-        raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+    check_epsilon(epsilon)
     num_envs, num_actions = q_values.shape
     explore_key, action_key = jax.random.split(key)
     explore = jax.random.uniform(explore_key, (num_envs,)) < epsilon

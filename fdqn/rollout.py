@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from fdqn.envs import episode_stats
-from fdqn.exploration import select_actions
+from fdqn.exploration import check_epsilon, select_actions
 
 
 class Memory(Protocol):
@@ -99,8 +99,7 @@ class Rollout:
           ``(scores, lengths)`` of the games that ended on this step: true
           (unclipped, all-lives) scores and lengths in agent steps; usually empty.
         """
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
+        check_epsilon(float(epsilon))  # a host value here, whatever its type
         if epsilon == 1.0:
             actions = self._rng.integers(0, self.num_actions, self.num_envs, dtype=np.int32)
         else:
