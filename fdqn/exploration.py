@@ -59,7 +59,10 @@ def select_actions(
     Args:
       q_fn: ``q_fn(params, obs) -> (N, num_actions)`` (static: hashed by identity).
       params: the network parameters.
-      key: a JAX PRNG key; split it between calls.
+      key: a JAX PRNG key; split it between calls. On the CPU an ``"rbg"`` key
+        (``jax.random.key(seed, impl="rbg")``, as :class:`fdqn.Rollout` uses)
+        draws about 3x faster than the default threefry one, which counts for
+        small networks.
       obs: ``(N, *obs_shape)`` observations.
       epsilon: probability of a random action.
 
