@@ -30,6 +30,13 @@ VARIANTS = {
     "no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", "tuned", "float32"),
     "system_malloc": (FDQN_FLAGS, "system", "float32"),  # glibc's malloc defaults
     "mixed_bf16": (FDQN_FLAGS, "tuned", "mixed_bfloat16"),  # bfloat16 layers
+    # XLA's oneDNN options on top of fdqn's flags; with jaxlib 0.10.2 the compiled updates
+    # hold no oneDNN call under them (the convolutions stay XLA's, the dots YNNPACK's)
+    "onednn": (
+        FDQN_FLAGS + " --xla_cpu_use_onednn=true --xla_cpu_experimental_onednn_custom_call=true",
+        "tuned",
+        "float32",
+    ),
 }
 # (variant, the variant it is compared with round by round)
 PAIRS = (("ynn_each_dot", "system_malloc"), ("mixed_bf16", "ynn_each_dot"))
