@@ -155,8 +155,12 @@ def test_epsilon_outside_zero_one_is_refused_before_the_envs_step():
 
 
 def _actions(rollout, steps, epsilon=0.5):
-    return np.stack([rollout.step(1.0, epsilon=epsilon) and rollout.memory.calls[-1][3]
-                     for _ in range(steps)])  # fmt: skip
+    """The actions of the next ``steps`` steps, as the memory recorded them."""
+    actions = []
+    for _ in range(steps):
+        rollout.step(1.0, epsilon=epsilon)
+        actions.append(rollout.memory.calls[-1][3])
+    return np.stack(actions)
 
 
 def test_exploration_uses_an_rbg_key_and_repeats_for_a_seed():
