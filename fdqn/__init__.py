@@ -1,11 +1,12 @@
-"""fdqn: DQN as pure, jit-compiled JAX functions over Keras 3 models."""
+"""fdqn: DQN as pure, jit-compiled JAX functions over Keras 3 models.
 
-from fdqn import _backend
-from fdqn._backend import KerasBackendError, configure_malloc, configure_xla, ensure_jax_backend
+Importing fdqn selects Keras' JAX backend and changes nothing else in the
+process. CPU tuning is an explicit call: :func:`fdqn.cpu.tune`.
+"""
+
+from fdqn._backend import KerasBackendError, ensure_jax_backend
 
 ensure_jax_backend()
-configure_xla()
-_backend.malloc_applied = configure_malloc()
 
 # Imports below need Keras' JAX backend, selected above.
 from fdqn.exploration import (  # noqa: E402
@@ -15,6 +16,7 @@ from fdqn.exploration import (  # noqa: E402
     select_actions,
 )
 from fdqn.learner import (  # noqa: E402
+    Batch,
     TrainState,
     clip_by_tensor_norm,
     create_train_state,
@@ -24,15 +26,13 @@ from fdqn.learner import (  # noqa: E402
     update,
 )
 from fdqn.networks import (  # noqa: E402
-    SpaceToDepthConv2D,
     mlp,
     nature_cnn,
     notebook_cnn,
     pure_q_fn,
-    seed_initializers,
     write_params,
 )
-from fdqn.replay import Batch, ReplayMemory  # noqa: E402
+from fdqn.replay import ReplayMemory  # noqa: E402
 from fdqn.rollout import Rollout  # noqa: E402
 from fdqn.value_learning import (  # noqa: E402
     double_q_learning,
@@ -60,10 +60,8 @@ __all__ = [
     "make_optimizer",
     "mlp",
     "nature_cnn",
-    "SpaceToDepthConv2D",
     "notebook_cnn",
     "pure_q_fn",
-    "seed_initializers",
     "q_learning",
     "select_actions",
     "squared_loss",

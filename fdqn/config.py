@@ -244,16 +244,19 @@ def make_env(config: Config, num_envs: int | None = None, clip_rewards: bool = T
     return envs.make(config.env, num_envs or config.num_envs, **kwargs)
 
 
-def make_network(config: Config, env: Any) -> Any:
-    """The Keras Q-network (a ``keras.Model``) for ``env``'s observations and actions."""
+def make_network(config: Config, env: Any, seed: int | None = None) -> Any:
+    """The Keras Q-network (a ``keras.Model``) for ``env``'s observations and actions.
+
+    ``seed`` fixes its initial weights (``None``: Keras' global seed).
+    """
     num_actions = int(env.single_action_space.n)
     shape = env.single_observation_space.shape
-    policy = config.dtype_policy
+    kwargs = dict(dtype_policy=config.dtype_policy, seed=seed)
     if config.network == "nature":
-        return networks.nature_cnn(num_actions, shape, dtype_policy=policy)
+        return networks.nature_cnn(num_actions, shape, **kwargs)
     if config.network == "notebook":
-        return networks.notebook_cnn(num_actions, shape, dtype_policy=policy)
-    return networks.mlp(num_actions, int(shape[0]), config.hidden, dtype_policy=policy)
+        return networks.notebook_cnn(num_actions, shape, **kwargs)
+    return networks.mlp(num_actions, int(shape[0]), config.hidden, **kwargs)
 
 
 CONFIG_FILE = "config.json"

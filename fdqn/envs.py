@@ -32,10 +32,15 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from ale_py import roms
-from ale_py.vector_env import AtariVectorEnv
 
 STICKY_V5 = 0.25
+
+
+def _rom_ids() -> list[str]:
+    """The games ale-py ships; ale-py (the emulator) is imported here, on first use."""
+    from ale_py import roms
+
+    return roms.get_all_rom_ids()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +75,7 @@ def parse_atari_id(env_id: str) -> AtariSpec | None:
         return None
     name, _, version = match.groups()
     game = name if "_" in name or name.islower() else _snake_case(name)
-    if game not in roms.get_all_rom_ids():
+    if game not in _rom_ids():
         return None
     sticky = STICKY_V5 if version == "5" else 0.0
     return AtariSpec(game=game, repeat_action_probability=sticky)
@@ -78,7 +83,7 @@ def parse_atari_id(env_id: str) -> AtariSpec | None:
 
 def list_env_ids() -> list[str]:
     """Env ids :func:`make` accepts: ale-py's games (bare names) and gymnasium's registry."""
-    atari = sorted(roms.get_all_rom_ids())
+    atari = sorted(_rom_ids())
     registered = sorted(k for k in gym.registry if not k.startswith("ALE/"))
     return atari + registered
 
@@ -280,6 +285,8 @@ def make(
             sticky = repeat_action_probability
         if not 0.0 <= sticky <= 1.0:
             raise ValueError(f"repeat_action_probability must be in [0, 1], got {sticky}")
+        from ale_py.vector_env import AtariVectorEnv
+
         env = AtariVectorEnv(
             spec.game,
             int(num_envs),

@@ -1,9 +1,11 @@
 """Evaluating a Q-network: play whole games with a small epsilon, report true scores.
 
     python -m fdqn.evaluate RUN_DIR [--episodes 30] [--epsilon 0.05] [--seed 0]
+    python -m fdqn.evaluate MODEL.keras [--env ENV_ID] [...]
 
-loads the run's config and newest checkpoint and prints mean, median, spread
-of the unclipped game scores, then one JSON object on its last line.
+loads the run's config and newest checkpoint (or a Keras model file, such as
+the ``model.keras`` a run writes) and prints mean, median, spread of the
+unclipped game scores, then one JSON object on its last line.
 Evaluation uses environments of its own, so it never disturbs training.
 """
 
@@ -92,11 +94,43 @@ def load_run(run_dir: str) -> tuple[Config, Callable, Any, int]:
     return config, q_fn, params, int(meta["step"])
 
 
+def load_model_file(path: str, env_id: str | None) -> tuple[Config, Callable, Any]:
+    """Config, q_fn and parameters for playing a Keras model file.
+
+    The environment is ``env_id`` or, for a file inside a run directory
+    (``RUN_DIR/model.keras``, ``RUN_DIR/checkpoints/step-N/model.keras``), the run's.
+    """
+    import keras
+
+    if env_id is None:
+        folder = os.path.dirname(os.path.abspath(path))
+        for run_dir in (folder, os.path.dirname(os.path.dirname(folder))):
+            if os.path.isfile(os.path.join(run_dir, "config.json")):
+                config = load_config(run_dir)
+                break
+        else:
+            raise ValueError(f"{path} is not inside a run directory: give --env ENV_ID")
+    else:
+        envs.check_env_id(env_id)
+        config = Config(env=env_id)
+    try:
+        model = keras.saving.load_model(path)
+    except Exception as e:  # Keras raises many kinds for a file it cannot read
+        raise ValueError(f"cannot load Keras model file {path}: {e}") from None
+    q_fn, params = pure_q_fn(model)
+    return config, q_fn, params
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fdqn.evaluate", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("run_dir", help="a run directory written by python -m fdqn.train")
+    parser.add_argument(
+        "run_dir", help="a run directory written by python -m fdqn.train, or a .keras model file"
+    )
+    parser.add_argument(
+        "--env", default=None, help="environment id for a model file outside a run directory"
+    )
     parser.add_argument("--episodes", type=int, default=30, help="games to play (default 30)")
     parser.add_argument(
         "--epsilon", type=float, default=None, help="exploration rate (default: the run's)"
@@ -104,14 +138,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=12345, help="seed (default 12345)")
     parser.add_argument("--gif", default=None, help="save the first game as a GIF (Atari only)")
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.run_dir):
-        print(f"fdqn.evaluate: error: {args.run_dir} is not a directory", file=sys.stderr)
+    model_file = args.run_dir.endswith(".keras")
+    if not (os.path.isfile(args.run_dir) if model_file else os.path.isdir(args.run_dir)):
+        kind = "a file" if model_file else "a directory"
+        print(f"fdqn.evaluate: error: {args.run_dir} is not {kind}", file=sys.stderr)
         return 2
     if args.episodes < 1:
         print("fdqn.evaluate: error: --episodes must be a positive integer", file=sys.stderr)
         return 2
     try:
-        config, q_fn, params, step = load_run(args.run_dir)
+        if model_file:
+            (config, q_fn, params), step = load_model_file(args.run_dir, args.env), None
+        else:
+            config, q_fn, params, step = load_run(args.run_dir)
     except (ValueError, OSError) as e:
         print(f"fdqn.evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -138,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         "min": float(scores.min()),
         "max": float(scores.max()),
     }
+    where = f"at step {step:,}" if step is not None else f"from {args.run_dir}"
     print(
-        f"{config.env} at step {step:,}: mean {summary['mean']:.2f}, median "
+        f"{config.env} {where}: mean {summary['mean']:.2f}, median "
         f"{summary['median']:.2f}, std {summary['std']:.2f}, min {summary['min']:.0f}, "
         f"max {summary['max']:.0f} over {len(scores)} games (epsilon {epsilon})"
     )

@@ -33,9 +33,11 @@ import mmap
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
+
+from fdqn.learner import Batch
 
 _FORMAT = "fdqn.replay/1"
 # JAX on the CPU uses a host array passed to it in place, without a copy, when
@@ -89,8 +91,8 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype, prefault: bool) -> np.ndarra
     for a replay memory means every write of its first pass. One ``mmap``
     with ``MAP_POPULATE`` maps them all up front instead, several times
     faster than faulting them in one by one. The mapping is the array's own
-    either way, not malloc's: with the malloc settings fdqn makes on import
-    (``fdqn._backend.configure_malloc``) a large ``np.zeros`` can reuse freed
+    either way, not malloc's: with the malloc settings of
+    :func:`fdqn.cpu.tune` a large ``np.zeros`` can reuse freed
     heap memory, which calloc zeroes, mapping every page at once.
     """
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
@@ -101,25 +103,6 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype, prefault: bool) -> np.ndarra
     flags = mmap.MAP_PRIVATE | anonymous | populate
     buffer = mmap.mmap(-1, nbytes, flags=flags)  # anonymous pages are zero-filled
     return np.frombuffer(buffer, dtype).reshape(shape)  # the array keeps the mapping alive
-
-
-class Batch(NamedTuple):
-    """A batch of transitions ``(s_tm1, a_tm1, r_t, terminated_t, s_t)``.
-
-    Attributes:
-      obs: ``(B, *obs_shape)`` observations at which the actions were taken.
-      action: ``(B,)`` integer actions.
-      reward: ``(B,)`` rewards (clipped ones, on Atari).
-      next_obs: ``(B, *obs_shape)`` observations after the actions.
-      terminated: ``(B,)`` bool or 0/1 float: the next state is terminal (no
-        bootstrap). Truncation by a time limit is not termination.
-    """
-
-    obs: Any
-    action: Any
-    reward: Any
-    next_obs: Any
-    terminated: Any
 
 
 class ReplayMemory:

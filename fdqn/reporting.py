@@ -44,6 +44,9 @@ class Reporter:
       log_every: agent steps between plain log lines (without a terminal).
       stream: where progress goes (stderr by default).
       start_step: agent steps already done (when resuming).
+      learning_starts: the agent step from which updates run. Steps before it
+        are much cheaper, so the ETA is estimated from the learning phase's
+        own rate, and reads "ETA after learning starts" until then.
     """
 
     def __init__(
@@ -53,6 +56,7 @@ class Reporter:
         log_every: int,
         stream: TextIO | None = None,
         start_step: int = 0,
+        learning_starts: int = 0,
     ):
         self.run_dir = run_dir
         self.total_steps = total_steps
@@ -65,6 +69,8 @@ class Reporter:
         self._start_step = start_step
         self._rate_mark = (self._start_time, start_step)
         self._rate = 0.0
+        self.learning_starts = learning_starts
+        self._learning_mark: tuple[float, int] | None = None  # when learning was first seen
         self._last_draw = 0.0
         self._next_log = (start_step // log_every + 1) * log_every
         self._episodes = _CsvAppender(os.path.join(run_dir, "metrics.csv"), EPISODE_FIELDS)
@@ -119,6 +125,8 @@ class Reporter:
 
     def progress(self, step: int, epsilon: float, learner: dict[str, float] | None = None) -> None:
         """Redraws the progress line (terminal) or logs a line every ``log_every`` steps."""
+        if self._learning_mark is None and step >= self.learning_starts:
+            self._learning_mark = (time.perf_counter(), step)
         if learner:
             self.learner = learner
             if self._tb:
@@ -143,7 +151,6 @@ class Reporter:
 
     def _line(self, step: int, epsilon: float, bar: bool) -> str:
         rate = self.steps_per_second(step)
-        eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
         mean = f"{np.mean(self.scores):.1f}" if self.scores else "-"
         loss = self.learner.get("loss")
         loss_text = f"{loss:.4g}" if loss is not None else "-"
@@ -151,9 +158,22 @@ class Reporter:
         head = f"[{'#' * int(20 * done):<20}] " if bar else ""
         return (
             f"{head}{step:,}/{self.total_steps:,} steps | {rate:,.0f} steps/s | "
-            f"ETA {_format_duration(eta)} | score(100) {mean} | eps {epsilon:.3f} | "
+            f"{self.eta(step)} | score(100) {mean} | eps {epsilon:.3f} | "
             f"loss {loss_text}"
         )
+
+    def eta(self, step: int) -> str:
+        """``ETA 1h05m`` from the learning phase's rate, or why there is none yet."""
+        if step < self.learning_starts:
+            return "ETA after learning starts"
+        now = time.perf_counter()
+        if self._learning_mark is None:
+            self._learning_mark = (now, step)
+        then, then_step = self._learning_mark
+        if now - then < 1.0 or step <= then_step:
+            return "ETA ?"
+        rate = (step - then_step) / (now - then)
+        return f"ETA {_format_duration(max(0, self.total_steps - step) / rate)}"
 
     def message(self, text: str) -> None:
         """Prints a line without breaking the progress bar."""

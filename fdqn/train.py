@@ -6,8 +6,15 @@ default ``runs/<preset>-<env>-seed<seed>-<time>``):
 
 - ``config.json``: the resolved configuration;
 - ``metrics.csv``, ``eval.csv``, ``tb/``: see :mod:`fdqn.reporting`;
-- ``checkpoints/step-N/``: everything needed to resume (see :func:`train`);
-- ``learning_curve.png`` and ``summary.json`` at the end.
+- ``checkpoints/step-N/``: everything needed to resume (see :func:`train`),
+  and the Q-network as a Keras model file, ``model.keras``;
+- ``model.keras`` (the trained Q-network, loadable with
+  ``keras.saving.load_model`` without fdqn), ``learning_curve.png`` and
+  ``summary.json`` at the end.
+
+On a CPU-only machine (no GPU or TPU plugin of JAX installed) the program
+applies :mod:`fdqn.cpu`'s tuning by default and says so in its first line:
+``--no-cpu-tuning`` turns it off.
 
 ``--resume RUN_DIR`` continues a run from its newest checkpoint. Ctrl-C
 writes a checkpoint and exits; a NaN or infinite loss stops the run and
@@ -29,7 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fdqn import checkpoint, envs, networks, reporting
+from fdqn import checkpoint, cpu, envs, networks, reporting
 from fdqn.config import (
     PRESETS,
     Config,
@@ -48,6 +55,7 @@ from fdqn.rollout import Rollout
 EXIT_USAGE = 2
 EXIT_NAN = 3
 EXIT_INTERRUPTED = 130
+MODEL_FILE = "model.keras"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -79,6 +87,7 @@ class Counters:
 @dataclasses.dataclass
 class Run:
     config: Config
+    model: Any  # the stock Keras network, which model files are written from
     state: TrainState
     memory: ReplayMemory
     rollout: Rollout
@@ -87,15 +96,19 @@ class Run:
     metrics: Any = None  # of the latest update
 
 
-def build(config: Config) -> Run:
-    """Environments, network, learner state, replay memory and rollout for ``config``."""
+def build(config: Config, cpu_layers: bool = False) -> Run:
+    """Environments, network, learner state, replay memory and rollout for ``config``.
+
+    ``cpu_layers`` computes the network through :func:`fdqn.cpu.space_to_depth_model`
+    (same parameters; model files are still written from the stock network).
+    """
     env = make_env(config)
-    networks.seed_initializers(config.seed)  # initial weights follow the run's seed
-    model = make_network(config, env)
+    model = make_network(config, env, seed=config.seed)
     optimizer = make_optimizer(
         config.optimizer, config.lr, clip=config.clip, max_grad_norm=config.max_grad_norm
     )
-    state = create_train_state(model, optimizer, jax.random.key(config.seed))
+    computed = cpu.space_to_depth_model(model) if cpu_layers else model
+    state = create_train_state(computed, optimizer, jax.random.key(config.seed))
     obs_space = env.single_observation_space
     atari = envs.is_atari(config.env)
     memory = ReplayMemory(
@@ -114,7 +127,7 @@ def build(config: Config) -> Run:
         seed=config.seed,
         terminal_on_life_loss=config.terminal_on_life_loss,
     )
-    return Run(config, state, memory, rollout, Counters())
+    return Run(config, model, state, memory, rollout, Counters())
 
 
 # -- checkpoints ----------------------------------------------------------------
@@ -138,7 +151,9 @@ def save_checkpoint(run: Run, run_dir: str) -> str:
         "env_state": env_state,
         "has_replay": run.config.save_replay,
     }
-    extra = {"replay.npz": run.memory.save} if run.config.save_replay else {}
+    extra = {MODEL_FILE: lambda path: networks.save_model(run.model, state.params, path)}
+    if run.config.save_replay:
+        extra["replay.npz"] = run.memory.save
     return checkpoint.save(
         run_dir, run.rollout.agent_steps, arrays, meta, extra, keep=run.config.keep_checkpoints
     )
@@ -240,7 +255,12 @@ def train(
             reporting.truncate_csv(os.path.join(run_dir, name), run.rollout.agent_steps)
         out.write(f"resumed from {path}" + "".join(f"; {n}" for n in notes) + "\n")
     reporter = reporting.Reporter(
-        run_dir, config.total_steps, config.log_every, out, start_step=run.rollout.agent_steps
+        run_dir,
+        config.total_steps,
+        config.log_every,
+        out,
+        start_step=run.rollout.agent_steps,
+        learning_starts=max(config.learning_starts, run.refill_until),
     )
     schedule = epsilon_schedule(config)
     interrupted = []
@@ -251,6 +271,8 @@ def train(
         status = run_until(run, run_dir, reporter, schedule, limit, interrupted)
         if status == "finished":
             _checkpoint_if_finite(run, run_dir, run.metrics)
+        if checkpoint.latest_checkpoint(run_dir) is not None:  # the run's network as it stands
+            networks.save_model(run.model, run.state.params, os.path.join(run_dir, MODEL_FILE))
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         reporter.close()
@@ -424,6 +446,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", default=None, metavar="RUN_DIR", help="continue a run from its checkpoint"
     )
+    parser.add_argument(
+        "--cpu-tuning",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="apply fdqn.cpu's XLA flag, malloc options and space-to-depth convolutions "
+        "(default: on when JAX has no GPU or TPU plugin installed)",
+    )
     for field in dataclasses.fields(Config):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
@@ -460,6 +489,16 @@ def main(argv: list[str] | None = None) -> int:
     preset_name = args.pop("preset")
     run_dir = args.pop("run_dir")
     resume_dir = args.pop("resume")
+    cpu_tuning = args.pop("cpu_tuning")
+    if cpu_tuning is None:
+        cpu_tuning = not cpu.accelerator_installed()
+    if cpu_tuning:  # before JAX computes anything: XLA reads its flags once
+        tuning = cpu.tune()
+        print(
+            f"fdqn.train: CPU tuning on ({tuning.describe()}; space-to-depth convolutions); "
+            f"--no-cpu-tuning turns it off",
+            file=sys.stderr,
+        )
 
     def fail(message: str) -> int:
         print(f"fdqn.train: error: {message}", file=sys.stderr)
@@ -486,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fdqn.train: {config.env}, run directory {run_dir}", file=sys.stderr)
         # built before anything is written, so that a replay memory larger than the RAM
         # fails here; mapping the memory takes seconds per GiB on some machines
-        run = build(config)
+        run = build(config, cpu_layers=cpu_tuning)
     except ValueError as e:  # ConfigError included
         return fail(str(e))
 
