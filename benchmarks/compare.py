@@ -28,7 +28,7 @@ the notebook's eager GradientTape update (benchmarks/tf_notebook.py);
 PyTorch, when installed (``pip install -e ".[torch]"``), runs the Nature-network
 cases too.
 
-Importing fdqn on a CPU sets glibc malloc options (fdqn._backend.configure_malloc)
+fdqn's workers apply fdqn.cpu.tune() (its XLA flag and glibc malloc options)
 that keep freed memory mapped for reuse. They speed TF's updates as well, so by
 default the TF and PyTorch workers get the same settings through glibc's
 environment variables; ``--baseline-malloc system`` runs them on glibc's defaults
@@ -128,6 +128,11 @@ def _tf_arrays(b):
 
 class FdqnWorker:
     def __init__(self, kind, params):
+        import fdqn.cpu
+
+        # what fdqn.train does on a CPU; XLA_FLAGS="" workers keep XLA's defaults, and
+        # FDQN_MALLOC=system (benchmarks/zeros_residency.py) glibc's malloc
+        fdqn.cpu.tune(malloc=os.environ.get("FDQN_MALLOC", "tuned") == "tuned")
         import jax
 
         import fdqn
@@ -360,6 +365,9 @@ class CleanRLStyleWorker:
     def __init__(self, kind, params):
         import random
 
+        import fdqn.cpu
+
+        fdqn.cpu.tune(malloc=os.environ.get("FDQN_MALLOC", "tuned") == "tuned")
         import jax
         import numpy as np
 
@@ -371,8 +379,7 @@ class CleanRLStyleWorker:
         random.seed(0)
         self.env = envs.make("BreakoutNoFrameskip-v4", 1)
         self.num_actions = int(self.env.single_action_space.n)
-        fdqn.seed_initializers(0)
-        model = fdqn.nature_cnn(self.num_actions)
+        model = fdqn.nature_cnn(self.num_actions, seed=0)
         opt = fdqn.make_optimizer("adam", 1e-4, clip="global", max_grad_norm=10.0)
         self.state = fdqn.create_train_state(model, opt, jax.random.key(0))
         self.q_apply = jax.jit(self.state.q_fn)
@@ -475,7 +482,7 @@ def worker_main(spec: str) -> int:
 
 
 # Implementations whose updates run outside fdqn: they get fdqn's glibc malloc
-# settings (fdqn._backend.configure_malloc) only as --baseline-malloc says.
+# settings (fdqn.cpu.MALLOC_SETTINGS) only as --baseline-malloc says.
 BASELINE_IMPLS = ("tf_eager", "tf_function", "torch")
 
 
@@ -494,12 +501,9 @@ class Worker:
         if impl.endswith("_xla_default"):
             env["XLA_FLAGS"] = ""  # fdqn leaves a user's XLA_FLAGS alone, even an empty one
         if impl in BASELINE_IMPLS and self.baseline_malloc == "tuned":
-            from fdqn import _backend
+            from fdqn import cpu
 
-            if _backend.malloc_applied is not None:  # fdqn's own workers have them
-                env.update(_backend.MALLOC_SETTINGS_ENV)
-        elif impl in BASELINE_IMPLS:  # the TF loops import fdqn's envs, which would set them
-            env["FDQN_MALLOC"] = "system"
+            env.update(cpu.MALLOC_SETTINGS_ENV)  # what fdqn's own workers get from cpu.tune()
         self.proc = subprocess.Popen(
             [sys.executable, self.script, "--worker", spec],
             env=env,
@@ -638,11 +642,9 @@ def finish(lines: list[str], summary: dict, out: str | None) -> None:
 
 
 def _malloc_line(baseline: str) -> str:
-    from fdqn import _backend
+    from fdqn import cpu
 
-    ours = _backend.malloc_applied
-    if ours is None:
-        return "malloc: glibc's settings for every worker (fdqn applied none here)"
+    ours = cpu.MALLOC_SETTINGS
     settings = ", ".join(f"{k}={v}" for k, v in ours.items())
     return f"malloc: fdqn's settings ({settings}) for fdqn; " + (
         "the same for TF and PyTorch" if baseline == "tuned" else "glibc's for TF and PyTorch"

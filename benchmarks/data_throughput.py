@@ -40,7 +40,10 @@ import time
 import numpy as np
 
 import fdqn
+import fdqn.cpu
 from fdqn import envs
+
+fdqn.cpu.tune()  # as fdqn.train does on a CPU
 
 
 class EnvClock:

@@ -96,8 +96,10 @@ class FdqnLayers:
     def __init__(self):
         import jax
 
-        import fdqn  # noqa: F401  (fdqn's XLA flags and malloc settings, before JAX starts)
-        from fdqn.networks import strided_conv
+        import fdqn.cpu
+
+        fdqn.cpu.tune()  # fdqn's XLA flag and malloc settings, before JAX starts
+        from fdqn.cpu import strided_conv
 
         self.jax, self.strided_conv = jax, strided_conv
 

@@ -42,17 +42,19 @@ VARIANTS = {
 PAIRS = (("ynn_each_dot", "system_malloc"), ("mixed_bf16", "ynn_each_dot"))
 
 WORKER = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
+import fdqn, fdqn.cpu
+
+fdqn.cpu.tune(malloc=os.environ["FDQN_MALLOC"] == "tuned")  # XLA_FLAGS is the variant's
 import jax, numpy as np
-import fdqn
 
 name, updates, policy = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-fdqn.seed_initializers(0)  # the same weights under every flag set: the losses are comparable
+# the same weights under every flag set: the losses are comparable
 if name == "nature":
-    model = fdqn.nature_cnn(4, dtype_policy=policy)
+    model = fdqn.nature_cnn(4, dtype_policy=policy, seed=0)
     batch, opt = 32, fdqn.make_optimizer("adam", 1e-4)
 else:
-    model, batch = fdqn.notebook_cnn(4, dtype_policy=policy), 64
+    model, batch = fdqn.notebook_cnn(4, dtype_policy=policy, seed=0), 64
     opt = fdqn.make_optimizer("rmsprop", 1e-3, clip="per_tensor", max_grad_norm=1.0)
 state = fdqn.create_train_state(model, opt, jax.random.key(0))
 rng = np.random.default_rng(0)
@@ -84,7 +86,7 @@ print(json.dumps({"ms": ms, "compile_s": compile_s, "loss": float(m["loss"]), "f
 def run(config: str, variant: str, updates: int) -> dict:
     flags, malloc, policy = VARIANTS[variant]
     env = dict(os.environ)
-    env["XLA_FLAGS"] = flags  # even "" (XLA's defaults): fdqn leaves a set XLA_FLAGS alone
+    env["XLA_FLAGS"] = flags  # even "" (XLA's defaults): fdqn.cpu.tune leaves a set one alone
     env["FDQN_MALLOC"] = malloc
     out = subprocess.run(
         [sys.executable, "-c", WORKER, config, str(updates), policy],

@@ -3,7 +3,7 @@
 For the Nature CNN (batch 32, Adam) and the notebook's network (batch 64,
 RMSProp, raw pixels): one ``fdqn.update`` and one ``fdqn.select_actions`` call
 for 8 observations, with ``space_to_depth=False`` (``keras.layers.Conv2D``) and
-``True`` (``fdqn.SpaceToDepthConv2D``, same weights), all four in one process,
+``True`` (``fdqn.cpu.SpaceToDepthConv2D``, same weights), all four in one process,
 alternating (A B C D A B ...) over rounds; medians. Then, for each strided
 convolution of the two networks whose input gradient an update needs, the time
 of that gradient alone: XLA's (``jax.lax.conv_general_dilated``) against
@@ -29,11 +29,19 @@ import jax.numpy as jnp
 import numpy as np
 
 import fdqn
+import fdqn.cpu
+
+fdqn.cpu.tune()  # the XLA flag and malloc settings fdqn.train applies on a CPU
+
+
+def _layers(model, s2d):
+    return fdqn.cpu.space_to_depth_model(model) if s2d else model
+
 
 SETUPS = {
-    "nature": (lambda s2d: fdqn.nature_cnn(4, space_to_depth=s2d), 32, ("adam", 1e-4)),
+    "nature": (lambda s2d: _layers(fdqn.nature_cnn(4, seed=0), s2d), 32, ("adam", 1e-4)),
     "notebook": (
-        lambda s2d: fdqn.notebook_cnn(4, scale_obs=False, space_to_depth=s2d),
+        lambda s2d: _layers(fdqn.notebook_cnn(4, scale_obs=False, seed=0), s2d),
         64,
         ("rmsprop", 2.5e-4),
     ),
@@ -149,7 +157,6 @@ def main() -> int:
         batch = random_batch(rng, batch_size)
         for s2d in (False, True):
             name = f"{network}/{'space_to_depth' if s2d else 'conv2d'}"
-            fdqn.seed_initializers(0)
             state = fdqn.create_train_state(build(s2d), fdqn.make_optimizer(optimizer, lr), key)
             for _ in range(3):  # compile and warm up
                 state, _ = fdqn.update(state, batch)

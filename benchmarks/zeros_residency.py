@@ -1,6 +1,6 @@
 """Does a large ``np.zeros`` take RAM at once under fdqn's malloc settings? Against glibc's.
 
-With fdqn's settings (``fdqn._backend.MALLOC_SETTINGS``: no mmap for large
+With fdqn's settings (``fdqn.cpu.MALLOC_SETTINGS``: no mmap for large
 blocks) a large ``np.zeros`` (a ``calloc``) comes from the heap, and glibc
 clears such a block itself, writing every page, unless it can tell the memory
 is fresh from the kernel. On glibc's defaults the block gets its own mapping,

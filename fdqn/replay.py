@@ -33,7 +33,6 @@ import mmap
 import os
 import tempfile
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 

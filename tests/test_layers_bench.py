@@ -83,9 +83,3 @@ def test_tf_passes_compute_their_definition(op):
     pytest.importorskip("tf_keras")
     pytest.importorskip("tensorflow")
     check(layers.TfLayers(), op)  # layers.py put benchmarks/ on sys.path for tf_notebook
-
-
-@pytest.mark.parametrize("op", layers.ops())
-def test_torch_passes_compute_their_definition(op):
-    pytest.importorskip("torch")
-    check(layers.TorchLayers(), op, channels_last)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fdqn
+import fdqn.cpu
 
 
 def atari_obs(n=3, seed=0):
@@ -58,10 +59,8 @@ def test_notebook_cnn_has_no_activations():
 
 
 def test_notebook_cnn_scaling_is_a_factor_inside_the_model():
-    fdqn.seed_initializers(0)
-    raw = fdqn.notebook_cnn(4, scale_obs=False)
-    fdqn.seed_initializers(0)
-    scaled = fdqn.notebook_cnn(4, scale_obs=True)
+    raw = fdqn.notebook_cnn(4, scale_obs=False, seed=0)
+    scaled = fdqn.notebook_cnn(4, scale_obs=True, seed=0)
     obs = atari_obs()
     zero = np.zeros_like(obs)
     # affine: q(x) - q(0) is linear in x, so scaling the input by 1/255 scales this by 1/255
@@ -180,31 +179,40 @@ def test_models_without_a_keras_input_are_not_checked():
     assert jax.jit(q_fn)(params, np.ones((5, 3), np.float32)).shape == (5, 2)
 
 
-def test_seed_initializers_fixes_weights_as_keras_set_random_seed_does():
-    def weights():
-        return [np.asarray(w) for w in fdqn.mlp(2, obs_dim=4, hidden=(8,)).get_weights()]
-
-    fdqn.seed_initializers(3)
-    first = weights()
-    fdqn.seed_initializers(3)
-    again = weights()
-    fdqn.seed_initializers(4)
-    other = weights()
-    keras.utils.set_random_seed(3)
-    public = weights()
-    for a, b, c in zip(first, again, public):
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda seed: fdqn.mlp(2, obs_dim=4, hidden=(8, 8), seed=seed),
+        lambda seed: fdqn.nature_cnn(4, seed=seed),
+        lambda seed: fdqn.notebook_cnn(4, seed=seed),
+    ],
+)
+def test_seed_fixes_initial_weights_and_each_layer_draws_its_own(build):
+    first, again, other = ([np.asarray(w) for w in build(seed).get_weights()] for seed in (3, 3, 4))
+    for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(a, c)
+    kernels = [w for w in first if w.ndim > 1]
     assert not np.array_equal(first[0], other[0])
-    with pytest.raises(ValueError, match="seed must be an integer"):
-        fdqn.seed_initializers(1.5)
+    # Glorot-uniform kernels within their limit sqrt(6 / (fan_in + fan_out)), zero biases
+    for kernel in kernels:
+        fan_in, fan_out = int(np.prod(kernel.shape[:-1])), kernel.shape[-1]
+        receptive = int(np.prod(kernel.shape[:-2])) if kernel.ndim == 4 else 1
+        if kernel.ndim == 4:
+            fan_in, fan_out = kernel.shape[-2] * receptive, kernel.shape[-1] * receptive
+        assert np.max(np.abs(kernel)) <= np.sqrt(6 / (fan_in + fan_out)) + 1e-7
+    assert all(np.all(w == 0) for w in first if w.ndim == 1)
+    first_rows = [k.ravel()[:8] for k in kernels]
+    assert len({r.tobytes() for r in first_rows}) == len(kernels)  # no two layers alike
 
 
-def test_seed_initializers_does_not_import_tensorflow():
-    code = (
-        "import sys, fdqn; fdqn.seed_initializers(0); fdqn.nature_cnn(4); "
-        "print('tensorflow' in sys.modules)"
-    )
+def test_bad_seed_is_a_one_line_error():
+    for seed in (1.5, -1, True):
+        with pytest.raises(ValueError, match="seed must be a non-negative integer or None"):
+            fdqn.mlp(2, obs_dim=4, seed=seed)
+
+
+def test_building_networks_does_not_import_tensorflow():
+    code = "import sys, fdqn; fdqn.nature_cnn(4, seed=0); print('tensorflow' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -224,7 +232,7 @@ def test_space_to_depth_conv_matches_conv2d(
     size, channels, filters, kernel, stride, forward, variant
 ):
     plain = keras.layers.Conv2D(filters, kernel, strides=stride, activation="relu")
-    s2d = fdqn.SpaceToDepthConv2D(
+    s2d = fdqn.cpu.SpaceToDepthConv2D(
         filters, kernel, strides=stride, activation="relu", forward=forward
     )
     x = np.random.default_rng(0).normal(size=(3, size, size + 1, channels)).astype(np.float32)
@@ -256,11 +264,11 @@ def test_space_to_depth_conv_matches_conv2d(
 def test_bias_add_values_and_gradients_by_hand(variant):
     x = jnp.arange(12.0).reshape(2, 2, 3)
     bias = jnp.array([10.0, 20.0, 30.0])
-    np.testing.assert_array_equal(variant(fdqn.networks.bias_add)(x, bias), x + bias)
+    np.testing.assert_array_equal(variant(fdqn.cpu.bias_add)(x, bias), x + bias)
     # d/d bias of sum(weights * (x + bias)): the weights summed over all but the last axis
     weights = jnp.array([[[1.0, 0.0, 2.0], [1.0, 1.0, 0.0]], [[3.0, 0.0, 0.0], [1.0, -1.0, 0.5]]])
     gx, gb = variant(
-        jax.grad(lambda x, b: jnp.sum(weights * fdqn.networks.bias_add(x, b)), argnums=(0, 1))
+        jax.grad(lambda x, b: jnp.sum(weights * fdqn.cpu.bias_add(x, b)), argnums=(0, 1))
     )(x, bias)
     np.testing.assert_array_equal(gb, [6.0, 0.0, 2.5])
     np.testing.assert_array_equal(gx, weights)
@@ -276,14 +284,14 @@ def test_bias_add_gradient_matches_the_broadcast_sum_on_a_layer_sized_input(vari
         return lambda x, b: jnp.sum(jnp.sin(add(x, b)) * probe)
 
     want = jax.grad(loss(jnp.add), argnums=(0, 1))(x, bias)
-    got = variant(jax.grad(loss(fdqn.networks.bias_add), argnums=(0, 1)))(x, bias)
+    got = variant(jax.grad(loss(fdqn.cpu.bias_add), argnums=(0, 1)))(x, bias)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-3)
 
 
 def test_space_to_depth_conv_without_bias_matches_conv2d():
     plain = keras.layers.Conv2D(4, 5, strides=2, use_bias=False)
-    layer = fdqn.SpaceToDepthConv2D(4, 5, strides=2, use_bias=False)
+    layer = fdqn.cpu.SpaceToDepthConv2D(4, 5, strides=2, use_bias=False)
     x = np.random.default_rng(4).normal(size=(2, 13, 13, 3)).astype(np.float32)
     plain.build(x.shape)
     layer.build(x.shape)
@@ -293,7 +301,7 @@ def test_space_to_depth_conv_without_bias_matches_conv2d():
 
 
 def test_space_to_depth_conv_falls_back_where_the_rewrite_does_not_apply():
-    layer = fdqn.SpaceToDepthConv2D(4, 3, strides=2, padding="same")
+    layer = fdqn.cpu.SpaceToDepthConv2D(4, 3, strides=2, padding="same")
     plain = keras.layers.Conv2D(4, 3, strides=2, padding="same")
     x = np.random.default_rng(1).normal(size=(2, 7, 7, 3)).astype(np.float32)
     layer.build(x.shape)
@@ -315,12 +323,12 @@ def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride,
         )
 
     def ours(x, w):
-        return fdqn.networks.strided_conv(x, w, stride, forward)
+        return fdqn.cpu.strided_conv(x, w, stride, forward)
 
     np.testing.assert_allclose(variant(ours)(x, w), reference(x, w), rtol=1e-5, atol=1e-4)
     # the space-to-depth form the input gradient is taken through computes the same values
     np.testing.assert_allclose(
-        fdqn.networks._space_to_depth_conv(x, w, stride), reference(x, w), rtol=1e-5, atol=1e-4
+        fdqn.cpu._space_to_depth_conv(x, w, stride), reference(x, w), rtol=1e-5, atol=1e-4
     )
     probe = jnp.asarray(rng.normal(size=reference(x, w).shape).astype(np.float32))
     want = jax.grad(lambda x, w: jnp.sum(reference(x, w) * probe), argnums=(0, 1))(x, w)
@@ -331,33 +339,33 @@ def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride,
 
 def test_space_to_depth_conv_forward_choice_is_checked_and_kept_in_its_config():
     with pytest.raises(ValueError, match="forward must be one of .*'direct', 'space_to_depth'"):
-        fdqn.SpaceToDepthConv2D(4, 5, strides=2, forward="im2col")
+        fdqn.cpu.SpaceToDepthConv2D(4, 5, strides=2, forward="im2col")
     x = jnp.zeros((1, 9, 9, 2))
     with pytest.raises(ValueError, match="forward must be one of"):
-        fdqn.networks.strided_conv(x, jnp.zeros((3, 3, 2, 4)), (2, 2), "fft")
+        fdqn.cpu.strided_conv(x, jnp.zeros((3, 3, 2, 4)), (2, 2), "fft")
     # the choice reaches the computation: a stride-1 convolution, or XLA's strided one
     for forward, strides in (("space_to_depth", "(1, 1)"), ("direct", "(2, 2)")):
         jaxpr = str(
-            jax.make_jaxpr(fdqn.networks.strided_conv, static_argnums=(2, 3))(
+            jax.make_jaxpr(fdqn.cpu.strided_conv, static_argnums=(2, 3))(
                 x, jnp.zeros((3, 3, 2, 4)), (2, 2), forward
             )
         )
         assert f"window_strides={strides}" in jaxpr
-    layer = fdqn.SpaceToDepthConv2D(4, 5, strides=2, forward="space_to_depth")
-    clone = fdqn.SpaceToDepthConv2D.from_config(layer.get_config())
+    layer = fdqn.cpu.SpaceToDepthConv2D(4, 5, strides=2, forward="space_to_depth")
+    clone = fdqn.cpu.SpaceToDepthConv2D.from_config(layer.get_config())
     assert clone.forward == "space_to_depth"
     # the notebook network's first layer, with 4 input channels, takes the
     # space-to-depth forward pass; the other strided layers XLA's own
     forwards = {
         layer.name: layer.forward
-        for layer in fdqn.notebook_cnn(4, space_to_depth=True).layers
-        if isinstance(layer, fdqn.SpaceToDepthConv2D)
+        for layer in fdqn.cpu.space_to_depth_model(fdqn.notebook_cnn(4)).layers
+        if isinstance(layer, fdqn.cpu.SpaceToDepthConv2D)
     }
     assert forwards == {"conv1": "space_to_depth", "conv2": "direct", "conv3": "direct"}
 
 
 def test_space_to_depth_conv_takes_its_own_input_gradient():
-    layer = fdqn.SpaceToDepthConv2D(4, 5, strides=2)
+    layer = fdqn.cpu.SpaceToDepthConv2D(4, 5, strides=2)
     x = np.zeros((1, 11, 11, 2), np.float32)
     layer.build(x.shape)
     weights = [jnp.asarray(w) for w in layer.get_weights()]
@@ -367,17 +375,20 @@ def test_space_to_depth_conv_takes_its_own_input_gradient():
 
 
 @pytest.mark.parametrize("network", ["nature", "notebook"])
-@pytest.mark.parametrize("space_to_depth", [True, False])
-def test_pixel_networks_with_and_without_space_to_depth_agree(network, space_to_depth):
+def test_space_to_depth_model_agrees_with_the_stock_network(network):
     build = {"nature": fdqn.nature_cnn, "notebook": fdqn.notebook_cnn}[network]
-    fdqn.seed_initializers(0)
-    reference = build(4, space_to_depth=False)
-    model = build(4, space_to_depth=space_to_depth)
-    model.set_weights(reference.get_weights())
+    reference = build(4, seed=0)
+    assert {type(layer).__name__ for layer in reference.layers} <= {
+        "Rescaling", "Permute", "Conv2D", "Flatten", "Dense"
+    }  # fmt: skip
+    model = fdqn.cpu.space_to_depth_model(reference)
+    strided = [n.name for n in model.layers if tuple(getattr(n, "strides", ())) > (1, 1)]
+    assert all(isinstance(model.get_layer(n), fdqn.cpu.SpaceToDepthConv2D) for n in strided)
+    assert len(strided) == {"nature": 2, "notebook": 3}[network]
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
     obs = atari_obs()
     np.testing.assert_allclose(model(obs), reference(obs), rtol=1e-4, atol=1e-5)
-    kinds = {type(layer).__name__ for layer in model.layers}
-    assert ("SpaceToDepthConv2D" in kinds) == space_to_depth
 
     # gradients of a TD-style loss with respect to every parameter agree too
     q_ref, params = fdqn.pure_q_fn(reference)

@@ -61,3 +61,17 @@ def test_learning_curve_of_a_run_without_games_is_drawn_without_warnings(tmp_pat
         warnings.simplefilter("error")  # matplotlib warns when a legend has no entries
         path = reporting.plot_learning_curve(str(tmp_path), "no games yet")
     assert os.path.getsize(path) > 0
+
+
+def test_eta_waits_for_learning_and_then_uses_its_rate(tmp_path, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(reporting.time, "perf_counter", lambda: clock[0])
+    r = reporting.Reporter(str(tmp_path), 10_000, 1_000, io.StringIO(), learning_starts=1_000)
+    r.progress(500, 1.0)
+    assert r.eta(500) == "ETA after learning starts"  # fast random steps promise nothing
+    clock[0] = 101.0
+    r.progress(1_000, 1.0)  # learning starts: 500 steps/s so far, not the rate from here
+    clock[0] = 111.0
+    r.progress(2_000, 0.5)  # 1,000 steps in 10 s: 100 steps/s while learning
+    assert r.eta(2_000) == "ETA 1m20s"  # 8,000 steps left at 100 steps/s
+    r.close()

@@ -206,10 +206,14 @@ def test_one_adam_step_gives_the_same_parameters():
     tf_learner.update(*tf_arrays(batch))
     state, _ = fdqn.update(state, batch, **kwargs)
     for p, tf_p, p0 in zip(state.params, tf_learner.policy_model.get_weights(), before):
-        # atol 5% of lr: where a gradient is within a few epsilons of 0, Adam's first
-        # step lr * g / (|g| + eps) turns float32 rounding of g into a visible difference
-        np.testing.assert_allclose(np.asarray(p) - p0, tf_p - p0, rtol=1e-3, atol=5e-6)
-        assert np.max(np.abs(tf_p - p0)) > 5e-5  # each tensor moved by about lr
+        ours, theirs = np.asarray(p) - p0, tf_p - p0
+        # Adam's first step is lr * g / (|g| + eps): about lr where |g| >> eps, and
+        # ill-conditioned where |g| is within a few eps of 0 (a step under lr / 2), where
+        # float32 rounding of g moves it visibly; there both steps only stay within lr
+        sure = np.abs(theirs) > 0.5e-4
+        np.testing.assert_allclose(ours[sure], theirs[sure], rtol=1e-3, atol=5e-6)
+        assert np.all(np.abs(ours - theirs) <= 1e-4 * (1 + 1e-3))
+        assert np.mean(sure) > 0.5 and np.max(np.abs(theirs)) > 5e-5  # most moved by about lr
 
 
 @pytest.mark.parametrize("name", ["notebook", "nature"])
