@@ -367,16 +367,42 @@ def space_to_depth_model(model: keras.Model) -> keras.Model:
 
     The copy has the same variables, in the same order and with the same
     values, so parameters from :func:`fdqn.pure_q_fn` of either model fit the
-    other. Layers the rewrite does not apply to are cloned unchanged. Save the
-    original (stock) model, not the copy, to keep model files portable.
+    other. Layers the rewrite does not apply to are shared with ``model``; a model
+    without strided convolutions is returned as it is. Save the original
+    (stock) model, not the copy, to keep model files portable.
     """
 
-    def clone(layer):
-        if type(layer) is keras.layers.Conv2D and tuple(layer.strides) != (1, 1):
-            config = {**layer.get_config(), "forward": _forward_for(layer)}
-            return SpaceToDepthConv2D.from_config(config)
-        return layer.__class__.from_config(layer.get_config())
+    def strided(layer) -> bool:
+        return type(layer) is keras.layers.Conv2D and tuple(layer.strides) != (1, 1)
 
-    copy = keras.models.clone_model(model, clone_function=clone)
+    def clone(layer):
+        if not strided(layer):  # shared: weights are set below, and pure_q_fn copies them
+            return layer
+        # from the layer's attributes, not get_config: Keras' serialization imports
+        # TensorFlow where it is installed (seconds and hundreds of MB)
+        return SpaceToDepthConv2D(
+            layer.filters,
+            layer.kernel_size,
+            strides=layer.strides,
+            padding=layer.padding,
+            data_format=layer.data_format,
+            dilation_rate=layer.dilation_rate,
+            groups=layer.groups,
+            activation=layer.activation,
+            use_bias=layer.use_bias,
+            dtype=layer.dtype_policy,
+            name=layer.name,
+            forward=_forward_for(layer),
+        )
+
+    if not any(strided(layer) for layer in model.layers):
+        return model
+    if isinstance(model, keras.Sequential) and len(model.inputs) == 1:
+        # rebuilt layer by layer: keras.models.clone_model serializes every layer
+        spec = model.inputs[0]
+        inputs = keras.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype, name=spec.name)
+        copy = keras.Sequential([inputs, *map(clone, model.layers)], name=model.name)
+    else:
+        copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
     return copy

@@ -492,13 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     cpu_tuning = args.pop("cpu_tuning")
     if cpu_tuning is None:
         cpu_tuning = not cpu.accelerator_installed()
-    if cpu_tuning:  # before JAX computes anything: XLA reads its flags once
-        tuning = cpu.tune()
-        print(
-            f"fdqn.train: CPU tuning on ({tuning.describe()}; space-to-depth convolutions); "
-            f"--no-cpu-tuning turns it off",
-            file=sys.stderr,
-        )
+    # before JAX computes anything (XLA reads its flags once); said once the flags are valid
+    tuning = cpu.tune() if cpu_tuning else None
 
     def fail(message: str) -> int:
         print(f"fdqn.train: error: {message}", file=sys.stderr)
@@ -522,6 +517,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                     f"or choose another --run-dir"
                 )
+        if tuning is not None:
+            print(
+                f"fdqn.train: CPU tuning on ({tuning.describe()}; space-to-depth convolutions); "
+                f"--no-cpu-tuning turns it off",
+                file=sys.stderr,
+            )
         print(f"fdqn.train: {config.env}, run directory {run_dir}", file=sys.stderr)
         # built before anything is written, so that a replay memory larger than the RAM
         # fails here; mapping the memory takes seconds per GiB on some machines

@@ -4,8 +4,8 @@ benchmarks/layers.py compares fdqn's convolution and dense kernels with TF's
 and PyTorch's one pass at a time; that comparison means something only if
 each pass computes the same array everywhere. Each is checked here against
 the float64 NumPy value of the same pass. TF comes with the ``tf`` extra (CI
-installs it), PyTorch with the optional ``torch`` extra; without them their
-cases skip.
+installs it). PyTorch is not part of the tests (its baseline runs on demand,
+with the ``torch`` extra, in ``python benchmarks/layers.py``).
 """
 
 import importlib.util
@@ -51,16 +51,8 @@ def reference(op: str) -> np.ndarray:
     return dx
 
 
-def channels_last(op: str, value: np.ndarray) -> np.ndarray:
-    """A PyTorch result (NCHW activations, OIHW kernels) in the reference's layout."""
-    layer, which = op.split(":")
-    if layers.LAYERS[layer][4] == 0:
-        return value
-    return value.transpose((2, 3, 1, 0) if which == "kernel_grad" else (0, 2, 3, 1))
-
-
-def check(impl, op: str, to_channels_last=lambda op, v: v) -> None:
-    value = to_channels_last(op, np.asarray(impl.build(op)(), np.float64))
+def check(impl, op: str) -> None:
+    value = np.asarray(impl.build(op)(), np.float64)
     want = reference(op)
     assert value.shape == want.shape, op
     # float32 sums of up to 100k products: errors relative to the largest entry

@@ -89,7 +89,7 @@ def test_bad_input_one_line_exit_2_and_nothing_written(
     run_dir = tmp_path / "run"
     extra = [] if "--resume" in args else ["--run-dir", str(run_dir)]
     try:
-        code = train.main([*args, *extra])
+        code = train.main([*args, *extra, "--no-cpu-tuning"])
     except SystemExit as e:  # argparse's own errors
         code = e.code
     assert code == 2
@@ -103,7 +103,9 @@ def test_replay_memory_larger_than_the_ram_is_one_line_and_nothing_written(
     tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(replay, "available_memory", lambda: 1_000)
-    code = train.main(["--preset", "cartpole", "--run-dir", str(tmp_path / "run")])
+    code = train.main(
+        ["--preset", "cartpole", "--run-dir", str(tmp_path / "run"), "--no-cpu-tuning"]
+    )
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 2 and lines[0].startswith("fdqn.train: CartPole-v1, run"), lines
@@ -170,28 +172,6 @@ def test_cartpole_smoke_writes_everything(tmp_path):
     assert "model.keras" in names
     for path in checkpoint.list_checkpoints(str(run_dir)):
         assert os.path.isfile(os.path.join(path, "model.keras"))
-    result = subprocess.run(
-        [sys.executable, "-m", "fdqn.evaluate", str(run_dir / "model.keras"), "--episodes", "3"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["episodes"] == 3
-    copied = tmp_path / "elsewhere.keras"
-    copied.write_bytes((run_dir / "model.keras").read_bytes())
-    result = subprocess.run(
-        [sys.executable, "-m", "fdqn.evaluate", str(copied), "--episodes", "2"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2 and "give --env ENV_ID" in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "fdqn.evaluate", str(copied), "--env", "CartPole-v1",
-         "--episodes", "2"],
-        capture_output=True,
-        text=True,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
 
 
 LOAD_WITHOUT_FDQN = r"""
@@ -204,14 +184,21 @@ print(json.dumps({"backend": keras.backend.backend(), "q": model.predict(obs, ve
 """
 
 
-@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
-def test_model_file_loads_with_plain_keras_and_gives_the_trained_q_values(tmp_path, backend):
-    if backend == "tensorflow":
-        pytest.importorskip("tensorflow")
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 300-step CartPole run through the command line: its directory and stderr."""
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in CARTPOLE_TINY.items()]
     result = run_cli("--preset", "cartpole", "--run-dir", str(run_dir), *args, "--total-steps=300")
     assert result.returncode == 0, result.stderr
+    return run_dir, result.stderr
+
+
+@pytest.mark.parametrize("backend", ["jax", "tensorflow"])
+def test_model_file_loads_with_plain_keras_and_gives_the_trained_q_values(tiny_run, backend):
+    if backend == "tensorflow":
+        pytest.importorskip("tensorflow")
+    run_dir, _ = tiny_run
     env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | {"KERAS_BACKEND": backend}
     loaded = subprocess.run(
         [sys.executable, "-c", LOAD_WITHOUT_FDQN, str(run_dir / "model.keras")],
@@ -227,20 +214,37 @@ def test_model_file_loads_with_plain_keras_and_gives_the_trained_q_values(tmp_pa
     np.testing.assert_allclose(out["q"], want, rtol=1e-5, atol=1e-6)
 
 
-def test_first_line_says_cpu_tuning_and_the_flag_turns_it_off(tmp_path):
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in CARTPOLE_TINY.items()]
-    on = run_cli("--preset", "cartpole", "--run-dir", str(tmp_path / "a"), *args,
-                 "--total-steps=120")  # fmt: skip
-    off = run_cli("--preset", "cartpole", "--run-dir", str(tmp_path / "b"), *args,
-                  "--total-steps=120", "--no-cpu-tuning")  # fmt: skip
-    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
-    first = [ln for ln in on.stderr.splitlines() if ln.startswith("fdqn.train:")][0]
+def test_evaluate_plays_a_model_file(tiny_run, tmp_path, capsys):
+    from fdqn import evaluate as evaluate_cli
+
+    run_dir, _ = tiny_run
+    for path in [run_dir / "model.keras", *sorted((run_dir / "checkpoints").glob("*/model.keras"))]:
+        assert evaluate_cli.main([str(path), "--episodes", "2"]) == 0
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["episodes"] == 2
+    copied = tmp_path / "elsewhere.keras"
+    copied.write_bytes((run_dir / "model.keras").read_bytes())
+    assert evaluate_cli.main([str(copied), "--episodes", "2"]) == 2
+    assert "give --env ENV_ID" in capsys.readouterr().err
+    assert evaluate_cli.main([str(copied), "--env", "CartPole-v1", "--episodes", "2"]) == 0
+    (tmp_path / "bad.keras").write_bytes(b"not a zip")
+    assert evaluate_cli.main([str(tmp_path / "bad.keras"), "--env", "CartPole-v1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot load Keras model file" in err[0]
+
+
+def test_first_line_says_cpu_tuning_and_the_flag_turns_it_off(tiny_run, tmp_path):
+    _, stderr = tiny_run
+    first = stderr.splitlines()[0]
     if cpu.accelerator_installed():
-        assert "CPU tuning" not in on.stderr
+        assert "CPU tuning" not in stderr
     else:
         assert (
             first.startswith("fdqn.train: CPU tuning on (XLA_FLAGS=") and "--no-cpu-tuning" in first
         )
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in CARTPOLE_TINY.items()]
+    off = run_cli("--preset", "cartpole", "--run-dir", str(tmp_path / "b"), *args,
+                  "--total-steps=20", "--no-cpu-tuning")  # fmt: skip
+    assert off.returncode == 0, off.stderr
     assert "CPU tuning" not in off.stderr
 
 
