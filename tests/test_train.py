@@ -338,7 +338,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
     arrays = os.path.join(path, "arrays.npz")
     with open(arrays, "wb") as f:
         f.write(b"garbage")
-    result = run_cli("--resume", run_dir, "--total-steps", "400")
+    result = run_cli("--resume", run_dir, "--total-steps", "400", "--no-cpu-tuning")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 2  # the run line, then the error
     assert "cannot be read" in result.stderr
