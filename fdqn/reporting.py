@@ -166,9 +166,9 @@ class Reporter:
         """``ETA 1h05m`` from the learning phase's rate, or why there is none yet."""
         if step < self.learning_starts:
             return "ETA after learning starts"
+        if self._learning_mark is None:  # progress() has not seen a learning step yet
+            return "ETA ?"
         now = time.perf_counter()
-        if self._learning_mark is None:
-            self._learning_mark = (now, step)
         then, then_step = self._learning_mark
         if now - then < 1.0 or step <= then_step:
             return "ETA ?"
