@@ -22,7 +22,7 @@ import math
 import os
 from typing import Any
 
-from fdqn import envs, networks
+from fdqn import envs, networks, rundir
 from fdqn.networks import DTYPE_POLICIES
 
 NETWORKS = ("nature", "notebook", "mlp")
@@ -127,10 +127,17 @@ class Config:
             raise ConfigError(
                 "exploration_fraction", f"must be in (0, 1], got {self.exploration_fraction}"
             )
-        if self.huber_delta < 0:
-            raise ConfigError("huber_delta", f"must be >= 0, got {self.huber_delta}")
-        if self.max_grad_norm <= 0:
-            raise ConfigError("max_grad_norm", f"must be positive, got {self.max_grad_norm}")
+        if not (self.huber_delta >= 0 and math.isfinite(self.huber_delta)):
+            raise ConfigError(
+                "huber_delta",
+                f"must be a finite number >= 0 (0: squared loss), got {self.huber_delta}",
+            )
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ConfigError(
+                "max_grad_norm", f"must be a positive finite number, got {self.max_grad_norm}"
+            )
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**31:
+            raise ConfigError("seed", f"must be an integer in [0, 2**31), got {self.seed!r}")
         if not (self.sticky_actions == -1.0 or 0.0 <= self.sticky_actions <= 1.0):
             raise ConfigError(
                 "sticky_actions", f"must be -1 or in [0, 1], got {self.sticky_actions}"
@@ -151,6 +158,12 @@ class Config:
                 )
         if not self.hidden or any(h < 1 for h in self.hidden):
             raise ConfigError("hidden", f"must be positive widths, got {self.hidden}")
+        if self.total_steps < self.num_envs:
+            raise ConfigError(
+                "total_steps",
+                f"must be at least --num-envs ({self.num_envs}): each step of the "
+                f"environments is {self.num_envs} agent steps, got {self.total_steps}",
+            )
         if self.buffer_size < self.num_envs:
             raise ConfigError(
                 "buffer_size",
@@ -266,9 +279,11 @@ FIELDS_ADDED_LATER: dict[str, Any] = {"dtype_policy": "float32"}
 
 
 def save_config(config: Config, run_dir: str) -> None:
-    """Writes ``config`` to the run directory's ``config.json``, which :func:`load_config` reads."""
-    with open(os.path.join(run_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+    """Writes ``config`` atomically to ``RUN_DIR/config.json``, which :func:`load_config` reads."""
+    rundir.atomic_write(
+        os.path.join(run_dir, CONFIG_FILE),
+        lambda f: json.dump(dataclasses.asdict(config), f, indent=2),
+    )
 
 
 def load_config(run_dir: str) -> Config:

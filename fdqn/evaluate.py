@@ -1,11 +1,12 @@
 """Evaluating a Q-network: play whole games with a small epsilon, report true scores.
 
-    python -m fdqn.evaluate RUN_DIR [--episodes 30] [--epsilon 0.05] [--seed 0]
+    python -m fdqn.evaluate RUN_DIR [--checkpoint STEP] [--episodes 30] [--epsilon 0.05]
     python -m fdqn.evaluate MODEL.keras [--env ENV_ID] [...]
 
-loads the run's config and newest checkpoint (or a Keras model file, such as
-the ``model.keras`` a run writes) and prints mean, median, spread of the
-unclipped game scores, then one JSON object on its last line.
+loads the run's config and newest intact checkpoint (or the one of
+``--checkpoint STEP``; or a Keras model file, such as the ``model.keras`` a
+run writes) and prints mean, median, spread of the unclipped game scores,
+then one JSON object on its last line.
 Evaluation uses environments of its own, so it never disturbs training.
 """
 
@@ -13,12 +14,13 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from fdqn import checkpoint, envs
+from fdqn import checkpoint, envs, rundir
 from fdqn.config import Config, load_config, make_env, make_network
 from fdqn.networks import pure_q_fn
 from fdqn.rollout import Rollout
@@ -77,21 +79,51 @@ def save_gif(frames: list, path: str, fps: int = 15) -> None:
     from PIL import Image
 
     images = [Image.fromarray(f).resize((f.shape[1] * 3, f.shape[0] * 3)) for f in frames]
-    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)
+    rundir.atomic_write(
+        path,
+        lambda f: images[0].save(
+            f, format="GIF", save_all=True, append_images=images[1:], duration=1000 // fps, loop=0
+        ),
+        binary=True,
+    )
 
 
-def load_run(run_dir: str) -> tuple[Config, Callable, Any, int]:
-    """Config, q_fn, parameters and step of a run directory's newest checkpoint."""
+def load_run(
+    run_dir: str, step: int | None = None, warn: Callable[[str], None] = lambda _: None
+) -> tuple[Config, Callable, Any, int]:
+    """Config, q_fn, parameters and step of a run's newest intact checkpoint (or of ``step``).
+
+    A damaged newer checkpoint is skipped (``warn`` says which), never deleted.
+    """
     config = load_config(run_dir)
-    path = checkpoint.latest_checkpoint(run_dir)
-    if path is None:
-        raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint")
-    arrays, meta = checkpoint.load(path)
     env = make_env(config, num_envs=1)
     q_fn, template = pure_q_fn(make_network(config, env))
     env.close()
-    params = checkpoint.arrays_to_tree("params", arrays, template)
-    return config, q_fn, params, int(meta["step"])
+
+    def restore(path: str) -> tuple[Any, int]:
+        arrays, meta = checkpoint.load(path)
+        return checkpoint.arrays_to_tree("params", arrays, template), meta["step"]
+
+    _, (params, found), skipped = checkpoint.restore_newest(run_dir, restore, step=step)
+    for path, reason in skipped:
+        warn(f"warning: skipped damaged checkpoint {path}: {reason}")
+    return config, q_fn, params, found
+
+
+def check_writable(path: str) -> None:
+    """Refuses (one-line ValueError) an output file that could not be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a directory: give a file name for the GIF")
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write {path}: {folder} is not writable")
+    try:  # os.access does not see a read-only file system
+        probe = tempfile.TemporaryFile(dir=folder)
+    except OSError as e:
+        raise ValueError(f"cannot write {path}: {e.strerror}") from None
+    probe.close()
 
 
 def load_model_file(path: str, env_id: str | None) -> tuple[Config, Callable, Any]:
@@ -137,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--seed", type=int, default=12345, help="seed (default 12345)")
     parser.add_argument("--gif", default=None, help="save the first game as a GIF (Atari only)")
+    parser.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="the checkpoint of this agent step (default: the newest intact one)",
+    )
     args = parser.parse_args(argv)
     model_file = args.run_dir.endswith(".keras")
     if not (os.path.isfile(args.run_dir) if model_file else os.path.isdir(args.run_dir)):
@@ -146,11 +185,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.episodes < 1:
         print("fdqn.evaluate: error: --episodes must be a positive integer", file=sys.stderr)
         return 2
+    if model_file and args.checkpoint is not None:
+        print("fdqn.evaluate: error: --checkpoint needs a run directory", file=sys.stderr)
+        return 2
     try:
+        if args.gif:
+            check_writable(args.gif)
         if model_file:
             (config, q_fn, params), step = load_model_file(args.run_dir, args.env), None
         else:
-            config, q_fn, params, step = load_run(args.run_dir)
+            config, q_fn, params, step = load_run(
+                args.run_dir, args.checkpoint, warn=lambda text: print(text, file=sys.stderr)
+            )
     except (ValueError, OSError) as e:
         print(f"fdqn.evaluate: error: {e}", file=sys.stderr)
         return 2
@@ -164,7 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     frames = [] if args.gif else None
     scores = evaluate(q_fn, params, config, args.episodes, epsilon, args.seed, frames=frames)
     if args.gif:
-        save_gif(frames, args.gif)
+        try:
+            save_gif(frames, args.gif)
+        except OSError as e:
+            print(
+                f"fdqn.evaluate: error: {rundir.os_error_line(e, 'cannot write')}", file=sys.stderr
+            )
+            return 2
     summary = {
         "run_dir": args.run_dir,
         "step": step,

@@ -17,7 +17,17 @@ Schedule = Callable[[chex.Numeric], chex.Numeric]
 
 
 def check_epsilon(epsilon: Any) -> None:
-    """A one-line ValueError for a concrete epsilon outside [0, 1]; traced values pass unchecked."""
+    """A one-line ValueError for a concrete epsilon outside [0, 1] or NaN.
+
+    Python and numpy numbers and concrete JAX arrays are checked (reading a
+    device array is a transfer); traced values, inside ``jit``, pass unchecked.
+    """
+    if isinstance(epsilon, jax.core.Tracer):
+        return
+    if isinstance(epsilon, (jax.Array, np.ndarray)):
+        if np.size(epsilon) != 1:
+            raise ValueError(f"epsilon must be a scalar, got shape {np.shape(epsilon)}")
+        epsilon = np.asarray(epsilon).item()
     if isinstance(epsilon, (int, float, np.integer, np.floating)) and not 0.0 <= epsilon <= 1.0:
         raise ValueError(f"epsilon must be in [0, 1], got {epsilon}")
 
@@ -91,7 +101,7 @@ def linear_epsilon(start: float, end: float, duration: int, begin: int = 0) -> S
       begin: step at which the decay starts.
     """
     _check_epsilons(start, end)
-    if duration < 1:
+    if not 1 <= duration < float("inf"):
         raise ValueError(f"duration must be a positive number of steps, got {duration}")
 
     def schedule(step: chex.Numeric) -> chex.Numeric:
@@ -114,8 +124,8 @@ def exponential_epsilon(start: float = 1.0, end: float = 0.1, decay: float = 100
       decay: time constant of the decay, in steps; positive.
     """
     _check_epsilons(start, end)
-    if decay <= 0:
-        raise ValueError(f"decay must be a positive number of steps, got {decay}")
+    if not 0 < decay < float("inf"):
+        raise ValueError(f"decay must be a positive finite number of steps, got {decay}")
 
     def schedule(step: chex.Numeric) -> chex.Numeric:
         xp = _xp(step)
@@ -126,5 +136,5 @@ def exponential_epsilon(start: float = 1.0, end: float = 0.1, decay: float = 100
 
 def _check_epsilons(start: float, end: float) -> None:
     for name, value in (("start", start), ("end", end)):
-        if not 0.0 <= value <= 1.0:
+        if not 0.0 <= value <= 1.0:  # NaN included
             raise ValueError(f"epsilon {name} must be in [0, 1], got {value}")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import optax
+from jax.experimental import checkify
 
 from fdqn.networks import Params, QFn, pure_q_fn
 from fdqn.value_learning import double_q_learning, huber_loss, q_learning, squared_loss
@@ -153,10 +154,10 @@ def make_optimizer(
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}")
     if clip not in CLIP_MODES:
         raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
-    if not callable(learning_rate) and not learning_rate > 0:
-        raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-    if clip != "none" and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm}")
+    if not callable(learning_rate) and not (0 < learning_rate < float("inf")):
+        raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate}")
+    if clip != "none" and not (0 < max_grad_norm < float("inf")):
+        raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm}")
     if name == "adam":
         opt = optax.adam(learning_rate, eps=1e-8 if eps is None else eps)
     else:
@@ -194,6 +195,78 @@ def _check_batch(batch: Batch) -> None:
         raise ValueError(f"batch.action must be integers, got dtype {dtype}")
 
 
+def _is_traced(tree: Any) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _check_options(gamma: Any, huber_delta: Any, reduction: str) -> None:
+    """One-line ValueErrors for loss options outside their ranges (concrete values only)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(gamma, (int, float, np.number)) and not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    if huber_delta is not None and not (0.0 <= huber_delta < float("inf")):
+        raise ValueError(
+            f"huber_delta must be a finite number >= 0, or None or 0 for the squared loss, "
+            f"got {huber_delta}"
+        )
+
+
+@functools.lru_cache(maxsize=64)
+def _num_actions_of(q_fn: QFn, treedef: Any, specs: tuple, obs_spec: tuple) -> int:
+    params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(*spec) for spec in specs])
+    return int(jax.eval_shape(q_fn, params, jax.ShapeDtypeStruct(*obs_spec)).shape[-1])
+
+
+def num_actions(q_fn: QFn, params: Params, obs: Any) -> int:
+    """How many actions ``q_fn(params, obs)`` values (its last axis), without computing it."""
+    leaves, treedef = jax.tree.flatten(params)
+    specs = tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
+    return _num_actions_of(q_fn, treedef, specs, (tuple(np.shape(obs)), jnp.result_type(obs)))
+
+
+def check_batch_values(batch: Batch, num_actions: int) -> None:
+    """Refuses a concrete batch whose actions or terminal flags are out of range.
+
+    Actions must be in ``[0, num_actions)`` and ``terminated`` bool or 0/1.
+    One-line ValueError naming the first bad value. The arrays are read on
+    the host: for device arrays that is a transfer, which the training loop
+    avoids by passing the numpy batches of :class:`fdqn.ReplayMemory`.
+    """
+    action = np.asarray(batch.action)
+    bad = (action < 0) | (action >= num_actions)
+    if np.count_nonzero(bad):
+        raise ValueError(
+            f"batch.action holds {action[bad].flat[0]}: actions must be in [0, {num_actions}) "
+            f"for this network"
+        )
+    terminated = np.asarray(batch.terminated)
+    if terminated.dtype != bool:
+        odd = (terminated != 0) & (terminated != 1)
+        if np.count_nonzero(odd):
+            raise ValueError(
+                f"batch.terminated holds {terminated[odd].flat[0]}: it must be bool or 0/1"
+            )
+
+
+def _checkify_batch_values(batch: Batch, num_actions: int) -> None:
+    """:func:`check_batch_values` as ``checkify`` checks, for traced batches."""
+    action = jnp.asarray(batch.action)
+    checkify.check(
+        jnp.all((action >= 0) & (action < num_actions)),
+        "batch.action holds {a}: actions must be in [0, {n}) for this network",
+        a=action[jnp.argmax((action < 0) | (action >= num_actions))],
+        n=jnp.asarray(num_actions),
+    )
+    terminated = jnp.asarray(batch.terminated)
+    if terminated.dtype != jnp.bool_:
+        checkify.check(
+            jnp.all((terminated == 0) | (terminated == 1)),
+            "batch.terminated holds {t}: it must be bool or 0/1",
+            t=terminated[jnp.argmax((terminated != 0) & (terminated != 1))],
+        )
+
+
 def dqn_loss(
     params: Params,
     target_params: Params,
@@ -221,7 +294,8 @@ def dqn_loss(
       batch: a :class:`Batch`.
       gamma: discount factor in [0, 1].
       double_q: use double Q-learning targets.
-      huber_delta: the Huber threshold; ``None`` for the squared loss.
+      huber_delta: the Huber threshold, positive; ``None`` or 0 for the
+        squared loss (as ``--huber-delta 0`` on the command line).
       reduction: ``"mean"`` or ``"sum"`` over the batch.
       mask_terminal: zero the bootstrap term after a terminal transition.
 
@@ -230,8 +304,7 @@ def dqn_loss(
       and ``td_abs`` (mean absolute TD error).
     """
     _check_batch(batch)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_options(gamma, huber_delta, reduction)
     q_tm1 = q_fn(params, batch.obs)
     q_t = q_fn(target_params, batch.next_obs)
     action = jnp.asarray(batch.action, jnp.int32)
@@ -245,7 +318,8 @@ def dqn_loss(
         td = jax.vmap(double_q_learning)(q_tm1, action, reward, discount, q_t, q_t_selector)
     else:
         td = jax.vmap(q_learning)(q_tm1, action, reward, discount, q_t)
-    losses = squared_loss(td) if huber_delta is None else huber_loss(td, huber_delta)
+    squared = huber_delta is None or huber_delta == 0
+    losses = squared_loss(td) if squared else huber_loss(td, huber_delta)
     loss = jnp.mean(losses) if reduction == "mean" else jnp.sum(losses)
     q_taken = jnp.take_along_axis(q_tm1, action[:, None], axis=1)
     return loss, {"q_taken": jnp.mean(q_taken), "td_abs": jnp.mean(jnp.abs(td))}
@@ -259,14 +333,26 @@ def update(
     huber_delta: float | None = 1.0,
     reduction: str = "mean",
     mask_terminal: bool = True,
+    checked: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One gradient step on ``batch``; pure, computed by one jit-compiled call.
+
+    A concrete batch (numpy or JAX arrays) is checked first: actions outside
+    ``[0, num_actions)`` or ``terminated`` values other than 0/1 raise a
+    one-line ValueError (:func:`check_batch_values`). A traced batch (inside
+    your own ``jax.jit``, ``scan`` or ``vmap``) cannot be read there: by
+    default it is not checked, and an out-of-range action indexes as JAX
+    indexing does (clamped to the last action; -1 counts from the end).
+    With ``checked=True`` the same checks are compiled in as
+    ``jax.experimental.checkify`` checks, for a caller that wraps its
+    function in ``checkify.checkify`` and reads the error it returns.
 
     Args:
       state: the learner state.
       batch: a :class:`Batch`.
       gamma, double_q, huber_delta, reduction, mask_terminal: as in :func:`dqn_loss`
         (static: each new value compiles once).
+      checked: compile the batch checks in, for use under ``checkify.checkify``.
 
     Returns:
       ``(new_state, metrics)``; metrics hold ``loss``, ``q_taken``,
@@ -275,17 +361,25 @@ def update(
       step returns only what it changes, so it does not copy the target
       network on every update.
     """
+    _check_batch(batch)
+    _check_options(gamma, huber_delta, reduction)
+    traced = _is_traced(batch)
+    if not traced:
+        check_batch_values(batch, num_actions(state.q_fn, state.params, batch.obs))
     step, params, opt_state, metrics = _gradient_step(
-        state, batch, gamma, double_q, huber_delta, reduction, mask_terminal
+        state, batch, gamma, double_q, huber_delta, reduction, mask_terminal, checked and traced
     )
     return state.replace(step=step, params=params, opt_state=opt_state), metrics
 
 
 @functools.partial(
-    jax.jit, static_argnames=("gamma", "double_q", "huber_delta", "reduction", "mask_terminal")
+    jax.jit,
+    static_argnames=("gamma", "double_q", "huber_delta", "reduction", "mask_terminal", "checked"),
 )
-def _gradient_step(state, batch, gamma, double_q, huber_delta, reduction, mask_terminal):
+def _gradient_step(state, batch, gamma, double_q, huber_delta, reduction, mask_terminal, checked):
     """The parts of the state :func:`update` changes: step, params, opt_state; and metrics."""
+    if checked:
+        _checkify_batch_values(batch, num_actions(state.q_fn, state.params, batch.obs))
     grad_fn = jax.value_and_grad(dqn_loss, has_aux=True)
     (loss, aux), grads = grad_fn(
         state.params,

@@ -16,7 +16,6 @@ copies trained parameters back into the model (to call ``model.predict`` or
 ``model.save_weights``).
 """
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+
+from fdqn import rundir
 
 Params = list  # the model's trainable arrays, in ``model.trainable_variables`` order
 QFn = Callable[[Params, jax.Array], jax.Array]
@@ -317,16 +318,6 @@ def save_model(model: keras.Model, params: Params, path: str) -> str:
     """
     if not path.endswith(".keras"):
         raise ValueError(f"a Keras model file's name ends in .keras, got {path!r}")
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name[: -len('.keras')]}.tmp-{os.getpid()}.keras")
     write_params(model, params)
-    try:
-        model.save(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    rundir.atomic_write_path(path, model.save)
     return path

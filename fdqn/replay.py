@@ -31,12 +31,12 @@ Usage with a next-step-autoreset vector env::
 import json
 import mmap
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
 from fdqn.learner import Batch
+from fdqn.rundir import atomic_write
 
 _FORMAT = "fdqn.replay/1"
 # JAX on the CPU uses a host array passed to it in place, without a copy, when
@@ -66,6 +66,13 @@ def _aligned_takes(source: np.ndarray, indices: Sequence[np.ndarray]) -> list[np
         out.append(np.take(source, index, axis=0, out=array, mode="clip"))
         offset += stride
     return out
+
+
+_MAX_ACTION = np.iinfo(np.int32).max  # actions are stored as int32
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 _ARRAYS = ("frames", "action", "reward", "terminated", "valid", "first")
@@ -100,7 +107,10 @@ def _zeros(shape: tuple[int, ...], dtype: np.dtype, prefault: bool) -> np.ndarra
     if anonymous is None or populate is None or nbytes == 0:
         return np.zeros(shape, dtype)
     flags = mmap.MAP_PRIVATE | anonymous | populate
-    buffer = mmap.mmap(-1, nbytes, flags=flags)  # anonymous pages are zero-filled
+    try:
+        buffer = mmap.mmap(-1, nbytes, flags=flags)  # anonymous pages are zero-filled
+    except OSError as e:  # ENOMEM: more than the kernel will commit
+        raise MemoryError(f"cannot map {nbytes / 2**30:.2f} GiB: {e.strerror}") from None
     return np.frombuffer(buffer, dtype).reshape(shape)  # the array keeps the mapping alive
 
 
@@ -136,14 +146,17 @@ class ReplayMemory:
         seed: int = 0,
         prefault: bool = True,
     ):
-        if not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
+        if not _is_int(num_envs) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        if not isinstance(capacity, (int, np.integer)) or capacity < num_envs:
+        if not _is_int(capacity) or capacity < num_envs:
             raise ValueError(
                 f"capacity must be an integer of at least num_envs ({num_envs}), got {capacity!r}"
             )
-        if not all(isinstance(d, (int, np.integer)) and d >= 1 for d in obs_shape):
-            raise ValueError(f"obs_shape must be positive integers, got {tuple(obs_shape)}")
+        obs_shape = tuple(obs_shape)
+        if not obs_shape or not all(_is_int(d) and d >= 1 for d in obs_shape):
+            raise ValueError(
+                f"obs_shape must be one or more positive integers, e.g. (4,), got {obs_shape}"
+            )
         self.obs_shape = tuple(int(d) for d in obs_shape)
         self.obs_dtype = np.dtype(obs_dtype)
         if frame_stack is not None:
@@ -170,12 +183,18 @@ class ReplayMemory:
                     f"for observations, only {have / 2**30:.2f} GiB of RAM is available: "
                     f"lower the capacity (buffer_size) or free memory"
                 )
-        self._frames = _zeros(frames_shape, self.obs_dtype, prefault)
-        self._action = np.zeros((n, s), np.int32)
-        self._reward = np.zeros((n, s), np.float32)
-        self._terminated = np.zeros((n, s), bool)
-        self._valid = np.zeros((n, s), bool)
-        self._first = np.zeros((n, s), bool)
+        try:
+            self._frames = _zeros(frames_shape, self.obs_dtype, prefault)
+            self._action = np.zeros((n, s), np.int32)
+            self._reward = np.zeros((n, s), np.float32)
+            self._terminated = np.zeros((n, s), bool)
+            self._valid = np.zeros((n, s), bool)
+            self._first = np.zeros((n, s), bool)
+        except MemoryError as e:
+            raise ValueError(
+                f"a replay memory of capacity {self.capacity:,} does not fit in memory ({e}): "
+                f"lower the capacity (buffer_size)"
+            ) from None
         self._writes = 0  # stream positions written, per environment
         self._size = 0  # valid transitions held, over all environments
         self._rng = np.random.default_rng(seed)
@@ -190,7 +209,10 @@ class ReplayMemory:
             )
         if not np.can_cast(obs.dtype, self.obs_dtype, "same_kind"):
             raise ValueError(f"{name} must have dtype {self.obs_dtype}, got {obs.dtype}")
-        return obs[:, -1] if self.frame_stack else obs
+        frame = obs[:, -1] if self.frame_stack else obs
+        if frame.dtype.kind == "f" and not np.isfinite(frame).all():
+            raise ValueError(f"{name} holds NaN or infinite values: observations must be finite")
+        return frame
 
     def _write(self, frame: np.ndarray, first: np.ndarray) -> None:
         # The position leaving the sampling window keeps its frame as history
@@ -242,7 +264,12 @@ class ReplayMemory:
         frame = self._frame_of(next_obs, "next_obs")
         autoreset = np.zeros(self.num_envs, bool) if autoreset is None else autoreset
         action = self._column("action", action, "iu", "an integer")
+        if np.count_nonzero((action < 0) | (action > _MAX_ACTION)):
+            bad = action[(action < 0) | (action > _MAX_ACTION)][0]
+            raise ValueError(f"action {bad} is out of range: actions are in [0, 2**31)")
         reward = self._column("reward", reward, "iuf", "a real number")
+        if reward.dtype.kind == "f" and not np.isfinite(reward).all():
+            raise ValueError("reward holds NaN or infinite values: rewards must be finite")
         terminated = self._column("terminated", terminated, "b", "a bool")
         autoreset = self._column("autoreset", autoreset, "b", "a bool")
         slot = (self._writes - 1) % self.slots
@@ -361,18 +388,12 @@ class ReplayMemory:
 
     def save(self, path: str | os.PathLike) -> None:
         """Writes the contents to an ``.npz`` file, atomically (no pickle)."""
-        path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".replay-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                arrays = {name: getattr(self, f"_{name}") for name in _ARRAYS}
-                np.savez(f, meta=np.array(json.dumps(self._meta())), **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        arrays = {name: getattr(self, f"_{name}") for name in _ARRAYS}
+        atomic_write(
+            os.fspath(path),
+            lambda f: np.savez(f, meta=np.array(json.dumps(self._meta())), **arrays),
+            binary=True,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ReplayMemory":
@@ -385,15 +406,23 @@ class ReplayMemory:
             raise
         except Exception as e:  # zip, json and key errors all mean the same to the caller
             raise ValueError(f"{path} is not a readable fdqn replay file ({e})") from None
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not an fdqn replay file (format {meta.get('format')!r})")
-        memory = cls(
-            meta["capacity"],
-            meta["num_envs"],
-            meta["obs_shape"],
-            np.dtype(meta["obs_dtype"]),
-            meta["frame_stack"],
-        )
+        if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else meta
+            raise ValueError(f"{path} is not an fdqn replay file (format {found!r})")
+        try:
+            memory = cls(
+                meta["capacity"],
+                meta["num_envs"],
+                meta["obs_shape"],
+                np.dtype(meta["obs_dtype"]),
+                meta["frame_stack"],
+                prefault=False,
+            )
+            writes, size = meta["writes"], meta["size"]
+            if not (_is_int(writes) and _is_int(size) and 0 <= size <= memory.capacity):
+                raise ValueError(f"bad counters writes={writes!r}, size={size!r}")
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} has a damaged header ({e})") from None
         for name, value in arrays.items():
             mine = getattr(memory, f"_{name}")
             if value.shape != mine.shape or value.dtype != mine.dtype:
@@ -402,9 +431,12 @@ class ReplayMemory:
                     f"expected {mine.shape} {mine.dtype}"
                 )
             mine[...] = value
-        memory._writes = int(meta["writes"])
-        memory._size = int(meta["size"])
+        memory._writes = writes
+        memory._size = size
         if memory._size != int(np.count_nonzero(memory._valid)):
             raise ValueError(f"{path}: stored size does not match its contents")
-        memory._rng.bit_generator.state = meta["rng"]
+        try:
+            memory._rng.bit_generator.state = meta["rng"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path} has a damaged sampler state ({e})") from None
         return memory

@@ -19,6 +19,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
+from fdqn.rundir import atomic_write
+
 EPISODE_FIELDS = [
     "step", "episode", "score", "length", "epsilon", "loss", "q_taken", "grad_norm",
     "steps_per_second", "wall_time",
@@ -193,7 +195,10 @@ class Reporter:
 class _CsvAppender:
     def __init__(self, path: str, fields: list[str]):
         new = not os.path.exists(path) or os.path.getsize(path) == 0
+        torn = not new and _last_byte(path) != b"\n"  # a killed run's half line
         self._file = open(path, "a", newline="")
+        if torn:
+            self._file.write("\n")
         self._writer = csv.DictWriter(self._file, fieldnames=fields)
         if new:
             self._writer.writeheader()
@@ -206,6 +211,12 @@ class _CsvAppender:
         self._file.close()
 
 
+def _last_byte(path: str) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
+
+
 def _tensorboard(path: str) -> Any:
     try:
         from tensorboardX import SummaryWriter
@@ -214,33 +225,60 @@ def _tensorboard(path: str) -> Any:
     return SummaryWriter(path)
 
 
-def truncate_csv(path: str, max_step: int) -> None:
-    """Drops rows logged after ``max_step`` (when a run resumes from an earlier checkpoint)."""
+def _step_of(row: list[str], width: int) -> int | None:
+    """The step of a CSV row, or None for a line that is not a row (a torn or garbled write).
+
+    A row has the header's number of fields, all numbers or empty, an integer step first.
+    """
+    try:
+        if len(row) != width:
+            return None
+        for value in row[1:]:
+            if value:
+                float(value)
+        return int(row[0])
+    except ValueError:
+        return None
+
+
+def truncate_csv(path: str, max_step: int) -> int:
+    """Drops rows logged after ``max_step`` (when a run resumes from an earlier checkpoint).
+
+    Lines that are not rows (the half-written last line of a killed run, a
+    garbled one) are dropped too; returns how many. The file is rewritten
+    atomically: a full disk leaves it as it was.
+    """
     if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
+        return 0
+    with open(path, newline="", errors="replace") as f:
         rows = list(csv.reader(f))
     if not rows:
-        return
-    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= max_step]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
-    os.replace(tmp, path)
+        return 0
+    body = [(r, _step_of(r, len(rows[0]))) for r in rows[1:] if r]
+    kept = [rows[0]] + [r for r, step in body if step is not None and step <= max_step]
+    dropped = sum(1 for _, step in body if step is None)
+    atomic_write(path, lambda f: csv.writer(f).writerows(kept))
+    return dropped
 
 
 def read_csv(path: str) -> dict[str, np.ndarray]:
-    """Numeric columns of a metrics file, as arrays (empty where the file has no rows)."""
+    """Numeric columns of a metrics file, as arrays (empty where the file has no rows).
+
+    Lines that do not parse as rows of numbers are left out.
+    """
     if not os.path.exists(path):
         return {}
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="replace") as f:
         rows = list(csv.DictReader(f))
-    if not rows:
+    parsed = []
+    for r in rows:
+        try:
+            parsed.append({k: float(v) if v not in ("", None) else np.nan for k, v in r.items()})
+        except (TypeError, ValueError):
+            continue
+    if not parsed:
         return {}
-    return {
-        k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows])
-        for k in rows[0]
-    }
+    return {k: np.array([r.get(k, np.nan) for r in parsed]) for k in parsed[0] if k is not None}
 
 
 def plot_learning_curve(run_dir: str, title: str, smooth: int = 20) -> str | None:
@@ -276,6 +314,6 @@ def plot_learning_curve(run_dir: str, title: str, smooth: int = 20) -> str | Non
                 transform=ax.transAxes)  # fmt: skip
     path = os.path.join(run_dir, "learning_curve.png")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
     plt.close(fig)
     return path

@@ -23,11 +23,14 @@ stderr and exit with status 2 before anything is written.
 """
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -36,8 +39,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from fdqn import checkpoint, cpu, envs, networks, reporting
+from fdqn import checkpoint, cpu, envs, networks, reporting, rundir
 from fdqn.config import (
+    CONFIG_FILE,
     PRESETS,
     Config,
     load_config,
@@ -54,12 +58,67 @@ from fdqn.rollout import Rollout
 
 EXIT_USAGE = 2
 EXIT_NAN = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT; SIGTERM gives 143
 MODEL_FILE = "model.keras"
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stopped(BaseException):
+    """A SIGINT or SIGTERM that could not wait: during startup, or a second one.
+
+    A ``BaseException``, as ``KeyboardInterrupt``: code that handles errors
+    lets it through, and what it interrupts cleans up on the way (a
+    checkpoint being written is dropped; older ones are untouched).
+    """
+
+    def __init__(self, signum: int, during: str):
+        super().__init__(f"{signal.Signals(signum).name} {during}")
+        self.signum = signum
+        self.during = during
+
+
+class StopRequests:
+    """SIGINT and SIGTERM handling of a run: a signal handler and what it received.
+
+    While ``accepting`` (the training loop), the first signal is a request:
+    the loop writes a checkpoint at the end of the agent step it is in and
+    returns. Any other signal raises :class:`Stopped` where the program is:
+    one before training starts, or a second one while the first is served.
+    Truthy once a signal has been received.
+    """
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.accepting = False
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.received.append(signum)
+        if self.accepting and len(self.received) == 1:
+            return
+        during = "before training started" if len(self.received) == 1 else "a second time"
+        raise Stopped(signum, during)
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def name(self) -> str:
+        return signal.Signals(self.received[0]).name if self.received else ""
+
+    @contextlib.contextmanager
+    def installed(self):
+        """Makes this object the SIGINT and SIGTERM handler for a block (main thread only)."""
+        previous = {s: signal.signal(s, self) for s in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
 
 
 # -- building a run -------------------------------------------------------------
@@ -160,52 +219,83 @@ def save_checkpoint(run: Run, run_dir: str) -> str:
 
 
 def restore_checkpoint(run: Run, path: str) -> list[str]:
-    """Loads a checkpoint into a freshly built run; returns notes on what could not be."""
+    """Loads a checkpoint into a freshly built run; returns notes on what could not be.
+
+    Everything is read and checked before the run changes: a damaged
+    checkpoint raises :class:`fdqn.checkpoint.CheckpointError` and leaves the
+    learner state, counters and replay memory as they were.
+    """
     arrays, meta = checkpoint.load(path)
-    notes = []
+    step = meta["step"]
+    counters = checkpoint.require(meta, "counters", dict, path)
+    names = {f.name for f in dataclasses.fields(Counters)}
+    if set(counters) != names:
+        raise checkpoint.CheckpointError(
+            f"{path}/meta.json: counters must have exactly {', '.join(sorted(names))}"
+        )
+    for name in sorted(names):
+        checkpoint.require(counters, name, int, f"{path}/meta.json counters")
+    rollout_data = checkpoint.require(meta, "rollout", dict, path)
+    if checkpoint.require(rollout_data, "agent_steps", int, f"{path} rollout") != step:
+        raise checkpoint.CheckpointError(f"{path}/meta.json: rollout agent_steps is not {step}")
+    checkpoint.require(rollout_data, "rng", dict, f"{path} rollout")
+    has_replay = checkpoint.require(meta, "has_replay", bool, path)
+    env_state = meta.get("env_state")
+    if env_state is not None and not isinstance(env_state, dict):
+        raise checkpoint.CheckpointError(f"{path}/meta.json: env_state must be an object or null")
     state = run.state
-    run.state = state.replace(
+    restored_state = state.replace(
         params=checkpoint.arrays_to_tree("params", arrays, state.params),
         target_params=checkpoint.arrays_to_tree("target_params", arrays, state.target_params),
         opt_state=checkpoint.arrays_to_tree("opt_state", arrays, state.opt_state),
         key=checkpoint.arrays_to_tree("key", arrays, state.key),
         step=checkpoint.arrays_to_tree("step", arrays, state.step),
     )
-    try:
-        run.counters = Counters(**meta["counters"])
-    except (KeyError, TypeError) as e:
-        raise checkpoint.CheckpointError(f"{path}: bad counters in meta.json ({e})") from None
+    notes = []
     replay_path = os.path.join(path, "replay.npz")
-    if meta.get("has_replay") and os.path.exists(replay_path):
-        memory = ReplayMemory.load(replay_path)
+    memory = None
+    if has_replay and os.path.exists(replay_path):
+        try:
+            memory = ReplayMemory.load(replay_path)
+        except (ValueError, OSError) as e:
+            raise checkpoint.CheckpointError(f"{replay_path}: {e}") from None
         if (memory.capacity, memory.num_envs, memory.obs_shape) != (
             run.memory.capacity,
             run.memory.num_envs,
             run.memory.obs_shape,
         ):
             raise checkpoint.CheckpointError(f"{replay_path} does not fit this run's replay memory")
+    try:
+        check_rng = np.random.default_rng()
+        check_rng.bit_generator.state = rollout_data["rng"]
+        run.rollout.load_state_dict(arrays, rollout_data)
+    except (KeyError, ValueError, TypeError) as e:
+        raise checkpoint.CheckpointError(f"{path}: rollout state does not fit ({e})") from None
+    if memory is not None:
         run.memory = memory
         run.rollout.memory = memory
-        replay_restored = True
-    else:
-        replay_restored = False
-    try:
-        run.rollout.load_state_dict(arrays, meta["rollout"])
-    except (KeyError, ValueError) as e:
-        raise checkpoint.CheckpointError(f"{path}: rollout state does not fit ({e})") from None
-    if not replay_restored:
-        run.refill_until = run.rollout.agent_steps + run.config.learning_starts
+    refills_from = "was not saved" if not has_replay else f"file {replay_path} is missing"
+    if memory is None:
+        run.refill_until = step + run.config.learning_starts
         notes.append(
-            f"replay memory not saved: it refills until agent step {run.refill_until:,} "
+            f"replay memory {refills_from}: it refills until agent step {run.refill_until:,} "
             f"before updates resume"
         )
-    if meta.get("env_state") is not None and replay_restored:
-        envs.set_state(run.rollout.env, meta["env_state"])
+    restarted = env_state is None or memory is None
+    if not restarted:
+        try:
+            envs.set_state(run.rollout.env, env_state)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise checkpoint.CheckpointError(
+                f"{path}: environment state does not fit ({e})"
+            ) from None
     else:
         # Without the replay memory or the emulator's state the old episodes
         # cannot go on: start new games at this point.
-        run.rollout.restart(seed=run.config.seed + run.rollout.agent_steps)
+        run.rollout.restart(seed=run.config.seed + step)
         notes.append("environments restarted with new games")
+    run.state = restored_state
+    run.counters = Counters(**counters)
     return notes
 
 
@@ -226,6 +316,8 @@ def train(
     stream: Any = None,
     stop_at: int | None = None,
     run: Run | None = None,
+    checkpoint_step: int | None = None,
+    stops: "StopRequests | None" = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) training; returns a summary.
 
@@ -238,22 +330,48 @@ def train(
     Args:
       config: a validated config.
       run_dir: the run directory (created by the caller).
-      resume: continue from the newest checkpoint in ``run_dir``.
+      resume: continue from the newest intact checkpoint in ``run_dir`` (a
+        damaged newer one is skipped with a warning, never deleted); a run
+        with no checkpoint yet starts again from step 0. A ``config`` that
+        differs from the saved one (a new ``total_steps``) replaces it.
       stream: where progress goes (stderr by default).
       stop_at: stop (with a checkpoint) at this agent step, short of
         ``total_steps``; for tests of resumption.
       run: what ``build(config)`` returned, if the caller built it already.
+      checkpoint_step: resume from this checkpoint, not the newest.
+      stops: the SIGINT/SIGTERM handling to use; by default one is installed
+        for the call (main thread only).
     """
     run = run if run is not None else build(config)
     out = stream or sys.stderr
+    restored_step = None
     if resume:
-        path = checkpoint.latest_checkpoint(run_dir)
-        if path is None:
-            raise checkpoint.CheckpointError(f"{run_dir} has no checkpoint to resume from")
-        notes = restore_checkpoint(run, path)
+        if checkpoint_step is None and not checkpoint.list_checkpoints(run_dir):
+            out.write(
+                f"{run_dir} has no checkpoint yet: starting the run from step 0 "
+                f"with its saved config\n"
+            )
+        else:
+            path, notes, skipped = checkpoint.restore_newest(
+                run_dir, lambda p: restore_checkpoint(run, p), step=checkpoint_step
+            )
+            restored_step = run.rollout.agent_steps
         for name in ("metrics.csv", "eval.csv"):
-            reporting.truncate_csv(os.path.join(run_dir, name), run.rollout.agent_steps)
-        out.write(f"resumed from {path}" + "".join(f"; {n}" for n in notes) + "\n")
+            dropped = reporting.truncate_csv(os.path.join(run_dir, name), run.rollout.agent_steps)
+            if dropped:
+                out.write(f"warning: dropped {dropped} unreadable line(s) of {name}\n")
+        if restored_step is not None:
+            # the run goes on from `path`: what is newer leaves the list, kept as it is
+            for damaged, reason in skipped:
+                moved = checkpoint.set_aside(damaged)
+                out.write(f"warning: damaged checkpoint {damaged} set aside as {moved}: {reason}\n")
+            for newer in checkpoint.list_checkpoints(run_dir):
+                if checkpoint.step_of(newer) > restored_step:
+                    out.write(f"set aside {newer}, newer than the chosen checkpoint, as "
+                              f"{checkpoint.set_aside(newer)}\n")  # fmt: skip
+            out.write(f"resumed from {path}" + "".join(f"; {n}" for n in notes) + "\n")
+        if _saved_config(run_dir) != config:  # the overrides of this resume are part of the run
+            save_config(config, run_dir)
     reporter = reporting.Reporter(
         run_dir,
         config.total_steps,
@@ -263,18 +381,31 @@ def train(
         learning_starts=max(config.learning_starts, run.refill_until),
     )
     schedule = epsilon_schedule(config)
-    interrupted = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    own_stops = stops is None
+    stops = StopRequests() if own_stops else stops
     limit = config.total_steps if stop_at is None else min(stop_at, config.total_steps)
     status = "finished"
     try:
-        status = run_until(run, run_dir, reporter, schedule, limit, interrupted)
-        if status == "finished":
-            _checkpoint_if_finite(run, run_dir, run.metrics)
-        if checkpoint.latest_checkpoint(run_dir) is not None:  # the run's network as it stands
-            networks.save_model(run.model, run.state.params, os.path.join(run_dir, MODEL_FILE))
+        with stops.installed() if own_stops else contextlib.nullcontext():
+            stops.accepting = True
+            status = run_until(run, run_dir, reporter, schedule, limit, stops)
+            if run.rollout.agent_steps == restored_step:  # nothing new: the checkpoint stands
+                reporter.message(
+                    f"{run_dir} is at agent step {restored_step:,} of --total-steps "
+                    f"{config.total_steps:,}: nothing to train (a larger --total-steps "
+                    f"continues it)"
+                )
+            elif status == "finished":
+                _checkpoint_if_finite(run, run_dir, run.metrics)
+            newest = checkpoint.latest_checkpoint(run_dir)
+            if newest is not None and run.rollout.agent_steps != restored_step:
+                # the run's network as it stands: the newest checkpoint's copy
+                source = os.path.join(newest, MODEL_FILE)
+                rundir.atomic_write_path(
+                    os.path.join(run_dir, MODEL_FILE), lambda tmp: shutil.copyfile(source, tmp)
+                )
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        stops.accepting = False
         reporter.close()
         run.rollout.env.close()
     summary = {
@@ -288,21 +419,28 @@ def train(
     }
     summary["learning_curve"] = reporting.plot_learning_curve(run_dir, f"fdqn DQN on {config.env}")
     if status == "finished":
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items() if k != "state"}, f, indent=2)
+        rundir.atomic_write(
+            os.path.join(run_dir, "summary.json"),
+            lambda f: json.dump({k: v for k, v in summary.items() if k != "state"}, f, indent=2),
+        )
     return summary
 
 
-def run_until(
-    run: Run, run_dir: str, reporter, schedule, limit: int, interrupted: list = ()
-) -> str:
+def _saved_config(run_dir: str) -> Config | None:
+    try:
+        return load_config(run_dir)
+    except ValueError:  # none saved (a run driven from Python), or unreadable
+        return None
+
+
+def run_until(run: Run, run_dir: str, reporter, schedule, limit: int, stops: Any = ()) -> str:
     """Plays and learns until agent step ``limit`` (or the config's episode limit).
 
     Acts, stores, updates, syncs the target, reports, evaluates and writes
     the periodic checkpoints the config asks for; the final checkpoint is the
     caller's. Returns ``"finished"``, or ``"interrupted"`` (after writing a
-    checkpoint) once ``interrupted`` is non-empty. Calling it again with a
-    larger ``limit`` continues the same run.
+    checkpoint) once ``stops`` (a :class:`StopRequests`) has received a
+    signal. Calling it again with a larger ``limit`` continues the same run.
     """
     config, counters, rollout, memory = run.config, run.counters, run.rollout, run.memory
     loss_kwargs = dict(
@@ -316,10 +454,10 @@ def run_until(
     while rollout.agent_steps < limit and not (
         config.total_episodes and counters.episodes >= config.total_episodes
     ):
-        if interrupted:
+        if stops:
             path = _checkpoint_if_finite(run, run_dir, metrics)
             reporter.message(
-                f"interrupted at agent step {rollout.agent_steps:,}; checkpoint {path}; "
+                f"{stops.name()} at agent step {rollout.agent_steps:,}: checkpoint {path}; "
                 f"continue with: python -m fdqn.train --resume {run_dir}"
             )
             return "interrupted"
@@ -441,10 +579,23 @@ def make_parser() -> argparse.ArgumentParser:
         + " (see fdqn/config.py). Flags override the preset.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--preset", default="atari", choices=list(PRESETS), help="preset")
+    parser.add_argument(
+        "--preset", default=None, choices=list(PRESETS), help="preset (default: atari)"
+    )
     parser.add_argument("--run-dir", default=None, help="run directory (default: under runs/)")
     parser.add_argument(
-        "--resume", default=None, metavar="RUN_DIR", help="continue a run from its checkpoint"
+        "--resume",
+        default=None,
+        metavar="RUN_DIR",
+        help="continue a run from its newest intact checkpoint (only --total-steps and "
+        "--log-every may change; they are saved with the run)",
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=int,
+        default=None,
+        metavar="STEP",
+        help="with --resume: continue from the checkpoint of this agent step",
     )
     parser.add_argument(
         "--cpu-tuning",
@@ -483,58 +634,149 @@ def _default_run_dir(preset_name: str, config: Config) -> str:
     return os.path.join("runs", f"{preset_name}-{env}-seed{config.seed}-{stamp}")
 
 
+RESUME_OVERRIDES = ("total_steps", "log_every")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status.
+
+    0: finished; 2: an error, said in one line on stderr (bad input, a run
+    directory in use or unusable, a damaged run, a full disk, too little
+    memory); 3: the loss became NaN; 130 and 143: stopped by SIGINT and
+    SIGTERM.
+    """
+    stops = StopRequests()
+    with stops.installed():
+        try:
+            return _main(argv, stops)
+        except Stopped as e:
+            where = getattr(e, "run_dir", None)
+            newest = checkpoint.latest_checkpoint(where) if where else None
+            kept = f"; newest checkpoint: {newest}" if newest else ""
+            print(f"fdqn.train: stopped by {e}{kept}", file=sys.stderr)
+            return 128 + e.signum
+
+
+def _error_line(e: BaseException) -> str | None:
+    """The one-line message of an error the command line reports, or None for a bug."""
+    if isinstance(e, ValueError):  # ConfigError, CheckpointError, RunDirError included
+        return str(e)
+    if isinstance(e, OSError):
+        return rundir.os_error_line(e, "cannot write" if e.errno in _WRITE_ERRNOS else "")
+    if isinstance(e, MemoryError):
+        return "out of memory: lower --buffer-size, --batch-size, --num-envs or the network's size"
+    if isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e):
+        first = str(e).strip().splitlines()[0]
+        return (
+            f"out of device memory ({first}): lower --batch-size, --num-envs or the network's size"
+        )
+    return None
+
+
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
+
+
+def _main(argv: list[str] | None, stops: StopRequests) -> int:
     parser = make_parser()
     args = vars(parser.parse_args(argv))
     preset_name = args.pop("preset")
     run_dir = args.pop("run_dir")
     resume_dir = args.pop("resume")
+    checkpoint_step = args.pop("checkpoint")
     cpu_tuning = args.pop("cpu_tuning")
-    if cpu_tuning is None:
-        cpu_tuning = not cpu.accelerator_installed()
-    # before JAX computes anything (XLA reads its flags once); said once the flags are valid
-    tuning = cpu.tune() if cpu_tuning else None
 
     def fail(message: str) -> int:
         print(f"fdqn.train: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 
+    if resume_dir is not None:
+        unexpected = sorted(set(args) - set(RESUME_OVERRIDES))
+        flags = ["--" + n.replace("_", "-") for n in unexpected]
+        flags += ["--run-dir"] if run_dir is not None else []
+        flags += ["--preset"] if preset_name is not None else []
+        if flags:
+            return fail(f"--resume continues a run with its own config; drop {', '.join(flags)}")
+    elif checkpoint_step is not None:
+        return fail("--checkpoint picks the checkpoint --resume continues from; add --resume")
+    if "" in (run_dir, resume_dir):
+        return fail(f"--{'run-dir' if run_dir == '' else 'resume'} must not be empty")
+    if checkpoint_step is not None and checkpoint_step < 0:
+        return fail(f"--checkpoint must be a step (a non-negative integer), got {checkpoint_step}")
+    if cpu_tuning is None:
+        cpu_tuning = not cpu.accelerator_installed()
+    # before JAX computes anything (XLA reads its flags once); said once the flags are valid
+    tuning = cpu.tune() if cpu_tuning else None
+    preset_name = preset_name or "atari"
     try:
         if resume_dir is not None:
-            unexpected = sorted(set(args) - {"total_steps", "log_every"})
-            if unexpected or run_dir is not None:
-                names = ", ".join("--" + n.replace("_", "-") for n in unexpected or ["run_dir"])
-                return fail(f"--resume continues a run with its own config; drop {names}")
             config = load_config(resume_dir).replace(**args).validate()
-            if checkpoint.latest_checkpoint(resume_dir) is None:
-                return fail(f"{resume_dir} has no checkpoint to resume from")
             run_dir = resume_dir
         else:
             config = preset(preset_name).replace(**args).validate()
             run_dir = run_dir or _default_run_dir(preset_name, config)
-            if os.path.exists(run_dir) and os.listdir(run_dir):
+            if os.path.isdir(run_dir) and rundir.visible_entries(run_dir):
                 return fail(
                     f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                     f"or choose another --run-dir"
                 )
-        if tuning is not None:
-            print(
-                f"fdqn.train: CPU tuning on ({tuning.describe()}; space-to-depth convolutions); "
-                f"--no-cpu-tuning turns it off",
-                file=sys.stderr,
-            )
-        print(f"fdqn.train: {config.env}, run directory {run_dir}", file=sys.stderr)
-        # built before anything is written, so that a replay memory larger than the RAM
-        # fails here; mapping the memory takes seconds per GiB on some machines
-        run = build(config, cpu_layers=cpu_tuning)
-    except ValueError as e:  # ConfigError included
+        created = not os.path.exists(run_dir)
+        rundir.make_run_dir(run_dir)
+    except ValueError as e:  # ConfigError and RunDirError included
         return fail(str(e))
+    try:
+        lock = rundir.RunLock(run_dir)
+    except rundir.RunDirError as e:
+        return fail(str(e))
+    with lock:
+        try:
+            status = _run(
+                config, run_dir, resume_dir is not None, checkpoint_step, cpu_tuning, tuning,
+                stops,
+            )  # fmt: skip
+        except (Exception, Stopped) as e:
+            started = os.path.exists(os.path.join(run_dir, CONFIG_FILE))
+            if created and not started:  # nothing of this run is left behind
+                with contextlib.suppress(OSError):
+                    os.remove(lock.path)
+                    os.rmdir(run_dir)
+            if isinstance(e, Stopped):
+                e.run_dir = run_dir
+                raise
+            line = _error_line(e)
+            if line is None:
+                raise
+            newest = checkpoint.latest_checkpoint(run_dir) if started else None
+            return fail(line + (f"; newest checkpoint: {newest}" if newest else ""))
+    return status
 
-    os.makedirs(run_dir, exist_ok=True)
-    if resume_dir is None:
+
+def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) -> int:
+    """Everything after the run directory is locked; errors go back to :func:`_main`."""
+    if tuning is not None:
+        print(
+            f"fdqn.train: CPU tuning on ({tuning.describe()}; space-to-depth convolutions); "
+            f"--no-cpu-tuning turns it off",
+            file=sys.stderr,
+        )
+    print(f"fdqn.train: {config.env}, run directory {run_dir}", file=sys.stderr)
+    if resume:
+        for line in checkpoint.recover(run_dir):
+            print(f"fdqn.train: {line}", file=sys.stderr)
+    else:
+        if rundir.visible_entries(run_dir):  # filled by another process before the lock
+            raise rundir.RunDirError(
+                f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
+                f"or choose another --run-dir"
+            )
+    # built before anything is written, so that a replay memory larger than the RAM
+    # fails here; mapping the memory takes seconds per GiB on some machines
+    run = build(config, cpu_layers=cpu_tuning)
+    if not resume:
         save_config(config, run_dir)
     try:
-        summary = train(config, run_dir, resume=resume_dir is not None, run=run)
+        summary = train(
+            config, run_dir, resume=resume, run=run, checkpoint_step=checkpoint_step, stops=stops
+        )
     except NonFiniteLoss as e:
         last = checkpoint.latest_checkpoint(run_dir)
         print(
@@ -542,10 +784,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_NAN
-    except checkpoint.CheckpointError as e:
-        return fail(str(e))
     if summary["status"] == "interrupted":
-        return EXIT_INTERRUPTED
+        return 128 + stops.received[0]
     summary.pop("state")
     print(json.dumps(summary))
     return 0

@@ -86,11 +86,16 @@ def huber_loss(x: jax.Array, delta: float = 1.0) -> jax.Array:
 
     Args:
       x: any array, usually TD errors.
-      delta: where the loss turns from quadratic to linear; positive.
+      delta: where the loss turns from quadratic to linear; positive and finite.
 
     Returns:
       An array of the shape of ``x``.
     """
+    if isinstance(delta, (int, float)) and not 0.0 < delta < float("inf"):
+        raise ValueError(
+            f"huber_loss delta must be a positive finite number, got {delta} "
+            f"(squared_loss is the limit as delta grows)"
+        )
     return optax.losses.huber_loss(x, delta=delta)
 
 

@@ -332,8 +332,14 @@ def test_bad_add_columns():
         ((1, 2, (4,)), "capacity must be an integer of at least num_envs"),
         ((10, 0, (4,)), "num_envs must be a positive integer"),
         ((10, 1, (3, 84, 84), np.uint8, 4), "frame_stack=4 needs observations of shape"),
-        ((10, 1, (4, -84)), r"obs_shape must be positive integers, got \(4, -84\)"),
-        ((10, 1, (4, 8.5)), r"obs_shape must be positive integers, got \(4, 8.5\)"),
+        (
+            (10, 1, (4, -84)),
+            r"obs_shape must be one or more positive integers, e.g. \\(4,\\), got \(4, -84\)",
+        ),
+        (
+            (10, 1, (4, 8.5)),
+            r"obs_shape must be one or more positive integers, e.g. \\(4,\\), got \(4, 8.5\)",
+        ),
     ],
 )
 def test_bad_construction(args, message):

@@ -392,7 +392,7 @@ def test_sigint_writes_a_loadable_checkpoint(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
-    assert "interrupted at agent step" in err and "--resume" in err
+    assert "SIGINT at agent step" in err and "--resume" in err
     config, q_fn, params, step = load_run(str(run_dir))
     assert step > 0
     scores = evaluate(q_fn, params, config, 2, 0.0, seed=0)
