@@ -8,6 +8,7 @@ one Keras model; the target is refreshed by copy (or Polyak averaging).
 
 import dataclasses
 import functools
+import weakref
 from typing import Any, NamedTuple
 
 import jax
@@ -212,17 +213,22 @@ def _check_options(gamma: Any, huber_delta: Any, reduction: str) -> None:
         )
 
 
-@functools.lru_cache(maxsize=64)
-def _num_actions_of(q_fn: QFn, treedef: Any, specs: tuple, obs_spec: tuple) -> int:
-    params = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(*spec) for spec in specs])
-    return int(jax.eval_shape(q_fn, params, jax.ShapeDtypeStruct(*obs_spec)).shape[-1])
+_NUM_ACTIONS: "weakref.WeakKeyDictionary[QFn, dict]" = weakref.WeakKeyDictionary()
 
 
 def num_actions(q_fn: QFn, params: Params, obs: Any) -> int:
-    """How many actions ``q_fn(params, obs)`` values (its last axis), without computing it."""
-    leaves, treedef = jax.tree.flatten(params)
-    specs = tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
-    return _num_actions_of(q_fn, treedef, specs, (tuple(np.shape(obs)), jnp.result_type(obs)))
+    """How many actions ``q_fn(params, obs)`` values (its last axis), without computing it.
+
+    Found by tracing once per network and observation shape, then remembered.
+    """
+    dtype = getattr(obs, "dtype", None) or np.result_type(obs)
+    known = _NUM_ACTIONS.setdefault(q_fn, {})
+    shape = np.shape(obs)
+    key = (shape[1:], dtype)
+    if key not in known:
+        spec = jax.ShapeDtypeStruct(shape, dtype)
+        known[key] = int(jax.eval_shape(q_fn, params, spec).shape[-1])
+    return known[key]
 
 
 def check_batch_values(batch: Batch, num_actions: int) -> None:

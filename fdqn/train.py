@@ -16,10 +16,28 @@ On a CPU-only machine (no GPU or TPU plugin of JAX installed) the program
 applies :mod:`fdqn.cpu`'s tuning by default and says so in its first line:
 ``--no-cpu-tuning`` turns it off.
 
-``--resume RUN_DIR`` continues a run from its newest checkpoint. Ctrl-C
-writes a checkpoint and exits; a NaN or infinite loss stops the run and
-keeps the last good checkpoint. Bad flags or values print one line on
-stderr and exit with status 2 before anything is written.
+Faults leave the run directory usable:
+
+- One process at a time holds a run directory (an OS lock on
+  ``RUN_DIR/.lock`` that dies with the process); a second is refused with
+  the holder's pid.
+- Every file is written atomically (temporary name, ``fsync``, rename), so
+  ``kill -9`` or a full disk never leaves a half-written file in place;
+  what a killed writer left unpublished is removed at the next start.
+- ``--resume RUN_DIR`` continues from the newest intact checkpoint: a
+  damaged newer one is moved to ``checkpoints/set-aside/`` with a warning,
+  never deleted; ``--checkpoint STEP`` picks one (newer ones are set aside
+  too). A run that died before its first checkpoint starts again from step
+  0. ``--total-steps`` and ``--log-every`` may change on resume, and are
+  saved with the run.
+- SIGINT (Ctrl-C) and SIGTERM (what schedulers send before killing) write
+  a checkpoint, print the command that continues the run and exit 130 and
+  143; one before training starts, or a second one, stops at once with
+  one line. A NaN or infinite loss stops the run (exit 3) and keeps the
+  last good checkpoint.
+- Errors (bad flags or values, an unusable run directory, a damaged run, a
+  full disk, too little memory) print one line on stderr and exit 2;
+  bad input is refused before anything is written.
 """
 
 import argparse
@@ -96,12 +114,18 @@ class StopRequests:
     def __init__(self):
         self.received: list[int] = []
         self.accepting = False
+        self.started = False  # whether the training loop has begun
 
     def __call__(self, signum: int, frame: Any) -> None:
         self.received.append(signum)
         if self.accepting and len(self.received) == 1:
             return
-        during = "before training started" if len(self.received) == 1 else "a second time"
+        if len(self.received) > 1:
+            during = "a second time"
+        elif not self.started:
+            during = "before training started"
+        else:
+            during = "while the run was finishing (its last checkpoint is written)"
         raise Stopped(signum, during)
 
     def __bool__(self) -> bool:
@@ -387,7 +411,7 @@ def train(
     status = "finished"
     try:
         with stops.installed() if own_stops else contextlib.nullcontext():
-            stops.accepting = True
+            stops.accepting = stops.started = True
             status = run_until(run, run_dir, reporter, schedule, limit, stops)
             if run.rollout.agent_steps == restored_step:  # nothing new: the checkpoint stands
                 reporter.message(
@@ -668,7 +692,8 @@ def _error_line(e: BaseException) -> str | None:
     if isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e):
         first = str(e).strip().splitlines()[0]
         return (
-            f"out of device memory ({first}): lower --batch-size, --num-envs or the network's size"
+            f"out of memory on the JAX device ({first}): lower --batch-size, --num-envs "
+            f"or the network's size"
         )
     return None
 

@@ -103,6 +103,7 @@ np.savez(sys.argv[1], **out)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ON_TESTED_CPU, reason="fdqn sets XLA flags only on tested CPU jaxlibs")
 def test_xla_flags_keep_results_within_float32_tolerance(tmp_path):
     paths = {}
@@ -145,6 +146,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ON_TESTED_CPU, reason="fdqn sets XLA flags only on tested CPU jaxlibs")
 def test_xla_flags_keep_convolutions_out_of_ynnpack():
     # XLA's default hands convolutions and dots to YNNPACK; fdqn's flags keep the convolutions
@@ -207,6 +209,7 @@ print(json.dumps({"temp": temp, "faults": statistics.median(per_call)}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not ON_GLIBC_CPU, reason="fdqn tunes malloc only with glibc, on the CPU")
 def test_tuned_malloc_keeps_jitted_scratch_memory_mapped():
     # glibc's defaults map a fresh 40 MB for every call and fault each of its 10,240 pages in;

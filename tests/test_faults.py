@@ -443,6 +443,22 @@ def test_run_dir_that_is_a_file_under_a_file_under_proc_or_empty(tmp_path, capsy
     assert afile.read_text() == "x" and sorted(os.listdir(tmp_path)) == ["file"]
 
 
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root may write anywhere; a read-only mount is tested"
+)
+def test_run_dir_the_user_may_not_write(tmp_path, capsys):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        code, err = run_main(*TINY, "--run-dir", str(parent / "run"), capsys=capsys)
+    finally:
+        parent.chmod(0o755)
+    assert code == 2
+    assert_error(err, "Permission denied", "choose a --run-dir you may write to", alone=True)
+    assert os.listdir(parent) == []
+
+
 @contextlib.contextmanager
 def tmpfs(path, size: str, *options: str):
     """A tmpfs mounted at ``path``, or a skip where this machine does not let the tests mount."""

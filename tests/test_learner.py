@@ -289,8 +289,8 @@ def test_bad_batch_gives_clear_error(change, message):
     [
         (dict(name="sgd"), "optimizer must be one of"),
         (dict(clip="value"), "clip must be one of"),
-        (dict(learning_rate=0.0), "learning_rate must be positive"),
-        (dict(max_grad_norm=-1.0), "max_grad_norm must be positive"),
+        (dict(learning_rate=0.0), "learning_rate must be a positive finite number"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm must be a positive finite number"),
     ],
 )
 def test_bad_optimizer_arguments(kwargs, message):

@@ -334,11 +334,11 @@ def test_bad_add_columns():
         ((10, 1, (3, 84, 84), np.uint8, 4), "frame_stack=4 needs observations of shape"),
         (
             (10, 1, (4, -84)),
-            r"obs_shape must be one or more positive integers, e.g. \\(4,\\), got \(4, -84\)",
+            r"obs_shape must be one or more positive integers, e.g. \(4,\), got \(4, -84\)",
         ),
         (
             (10, 1, (4, 8.5)),
-            r"obs_shape must be one or more positive integers, e.g. \\(4,\\), got \(4, 8.5\)",
+            r"obs_shape must be one or more positive integers, e.g. \(4,\), got \(4, 8.5\)",
         ),
     ],
 )

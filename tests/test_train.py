@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -25,6 +24,7 @@ from fdqn.config import (
     save_config,
 )
 from fdqn.evaluate import evaluate, load_run
+from fdqn.evaluate import main as evaluate_main
 
 CARTPOLE_TINY = dict(
     total_steps=600,
@@ -135,7 +135,7 @@ def test_existing_run_dir_is_not_touched(tmp_path):
     assert [p.name for p in run_dir.iterdir()] == ["notes.txt"]
 
 
-def test_cartpole_smoke_writes_everything(tmp_path):
+def test_cartpole_smoke_writes_everything(tmp_path, capsys):
     run_dir = tmp_path / "run"
     args = [f"--{k.replace('_', '-')}={v}" for k, v in CARTPOLE_TINY.items()]
     result = run_cli("--preset", "cartpole", "--run-dir", str(run_dir), *args)
@@ -153,19 +153,11 @@ def test_cartpole_smoke_writes_everything(tmp_path):
     evals = (run_dir / "eval.csv").read_text().strip().splitlines()
     assert len(evals) == 3  # header + 2 evaluations
 
-    result = subprocess.run(
-        [sys.executable, "-m", "fdqn.evaluate", str(run_dir), "--episodes", "3", "--gif", "x.gif"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 2 and "--gif needs an Atari run" in result.stderr
-    result = subprocess.run(
-        [sys.executable, "-m", "fdqn.evaluate", str(run_dir), "--episodes", "3"],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    gif = str(tmp_path / "x.gif")
+    assert evaluate_main([str(run_dir), "--episodes", "3", "--gif", gif]) == 2
+    assert "--gif needs an Atari run" in capsys.readouterr().err
+    assert evaluate_main([str(run_dir), "--episodes", "3"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["episodes"] == 3 and report["step"] == 600
 
     # the trained network as a Keras model file, at the end and beside each checkpoint
@@ -316,16 +308,16 @@ def test_resume_without_replay_refills_before_updating(tmp_path):
     assert "environments restarted with new games" in stream.getvalue()
 
 
-def test_resume_cli_continues_and_rejects_other_flags(tmp_path):
+def test_resume_cli_continues_and_rejects_other_flags(tmp_path, capsys):
     run_dir = str(tmp_path / "run")
     args = ["--preset", "cartpole", "--run-dir", run_dir, "--total-steps", "300",
-            "--learning-starts", "100", "--eval-every", "0", "--checkpoint-every", "0"]  # fmt: skip
-    assert run_cli(*args).returncode == 0
-    result = run_cli("--resume", run_dir, "--lr", "0.1")
-    assert result.returncode == 2 and "drop --lr" in result.stderr
-    result = run_cli("--resume", run_dir, "--total-steps", "500")
-    assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.strip().splitlines()[-1])["agent_steps"] == 500
+            "--learning-starts", "100", "--eval-every", "0", "--checkpoint-every", "0",
+            "--no-cpu-tuning"]  # fmt: skip
+    assert train.main(args) == 0
+    assert train.main(["--resume", run_dir, "--lr", "0.1", "--no-cpu-tuning"]) == 2
+    assert "drop --lr" in capsys.readouterr().err
+    assert train.main(["--resume", run_dir, "--total-steps", "500", "--no-cpu-tuning"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["agent_steps"] == 500
 
 
 def test_corrupt_checkpoint_is_a_clear_error_and_left_alone(tmp_path):
@@ -377,24 +369,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert names == ["step-000000000300"]
 
 
-def test_sigint_writes_a_loadable_checkpoint(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fdqn.train", "--preset", "cartpole", "--run-dir", str(run_dir),
-         "--total-steps", "1000000", "--checkpoint-every", "0", "--eval-every", "0",
-         "--learning-starts", "200"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    metrics = run_dir / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or metrics.stat().st_size < 2000):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "SIGINT at agent step" in err and "--resume" in err
-    config, q_fn, params, step = load_run(str(run_dir))
-    assert step > 0
+def test_sigint_writes_a_loadable_checkpoint(tmp_path, monkeypatch, capsys):
+    run_dir = str(tmp_path / "run")
+    real_updates_due = train._updates_due
+
+    def updates_due(run, step):
+        if step == 250:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while training
+        return real_updates_due(run, step)
+
+    monkeypatch.setattr(train, "_updates_due", updates_due)
+    code = train.main(["--preset", "cartpole", "--run-dir", run_dir, "--total-steps", "1000000",
+                       "--checkpoint-every", "0", "--eval-every", "0", "--learning-starts", "200",
+                       "--no-cpu-tuning"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"SIGINT at agent step 250: checkpoint {checkpoint.path_of(run_dir, 250)}; "
+        f"continue with: python -m fdqn.train --resume {run_dir}"
+    )
+    config, q_fn, params, step = load_run(run_dir)
+    assert step == 250
     scores = evaluate(q_fn, params, config, 2, 0.0, seed=0)
     assert len(scores) == 2
 
