@@ -170,6 +170,12 @@ def make_optimizer(
     return opt
 
 
+def _dtype(x: Any) -> np.dtype:
+    """The dtype of an array, or the one JAX would give a Python value or list."""
+    dtype = getattr(x, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else jnp.result_type(x)
+
+
 def _check_batch(batch: Batch) -> None:
     """Raises a one-line ValueError when the batch's fields do not fit together."""
     obs_shape = np.shape(batch.obs)
@@ -180,10 +186,9 @@ def _check_batch(batch: Batch) -> None:
         raise ValueError(
             f"batch.next_obs has shape {np.shape(batch.next_obs)}, batch.obs has {obs_shape}"
         )
-    if jnp.result_type(batch.next_obs) != jnp.result_type(batch.obs):
+    if _dtype(batch.next_obs) != _dtype(batch.obs):
         raise ValueError(
-            f"batch.next_obs has dtype {jnp.result_type(batch.next_obs)}, "
-            f"batch.obs has {jnp.result_type(batch.obs)}"
+            f"batch.next_obs has dtype {_dtype(batch.next_obs)}, batch.obs has {_dtype(batch.obs)}"
         )
     for name in ("action", "reward", "terminated"):
         shape = np.shape(getattr(batch, name))
@@ -191,9 +196,8 @@ def _check_batch(batch: Batch) -> None:
             raise ValueError(
                 f"batch.{name} must have shape ({size},) to match batch.obs, got {shape}"
             )
-    if not jnp.issubdtype(jnp.result_type(batch.action), jnp.integer):
-        dtype = jnp.result_type(batch.action)
-        raise ValueError(f"batch.action must be integers, got dtype {dtype}")
+    if not np.issubdtype(_dtype(batch.action), np.integer):
+        raise ValueError(f"batch.action must be integers, got dtype {_dtype(batch.action)}")
 
 
 def _is_traced(tree: Any) -> bool:
@@ -221,7 +225,7 @@ def num_actions(q_fn: QFn, params: Params, obs: Any) -> int:
 
     Found by tracing once per network and observation shape, then remembered.
     """
-    dtype = getattr(obs, "dtype", None) or np.result_type(obs)
+    dtype = _dtype(obs)
     known = _NUM_ACTIONS.setdefault(q_fn, {})
     shape = np.shape(obs)
     key = (shape[1:], dtype)

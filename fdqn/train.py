@@ -351,6 +351,10 @@ def train(
     control), and, with ``save_replay``, the replay memory. Resuming with all
     of these gives the same parameters as training straight through.
 
+    The caller holds the run directory (``python -m fdqn.train`` takes its
+    :class:`fdqn.rundir.RunLock` and tidies it with
+    :func:`fdqn.checkpoint.recover` first).
+
     Args:
       config: a validated config.
       run_dir: the run directory (created by the caller).
