@@ -22,7 +22,7 @@ import math
 import os
 from typing import Any
 
-from fdqn import envs, networks, rundir
+from fdqn import envs, jax_envs, networks, rundir
 from fdqn.networks import DTYPE_POLICIES
 
 NETWORKS = ("nature", "notebook", "mlp")
@@ -58,6 +58,11 @@ class Config:
     total_episodes: int = _field(0, "stop after this many finished games as well (0: no limit)")
     num_envs: int = _field(8, "environments stepped together as one batch")
     seed: int = _field(1, "seed of environments, initial weights, exploration and replay")
+    num_seeds: int = _field(
+        1,
+        "agents trained at once, seeds --seed, --seed+1, ..., in one compiled program "
+        "(JAX-native environments: gymnax; no checkpoints yet)",
+    )
     optimizer: str = _field("adam", "optimizer: adam or rmsprop")
     lr: float = _field(1e-4, "learning rate, in (0, 1]")
     batch_size: int = _field(32, "transitions per gradient update")
@@ -105,6 +110,7 @@ class Config:
         positive = (
             "total_steps", "num_envs", "batch_size", "buffer_size", "train_every",
             "target_update", "eval_episodes", "keep_checkpoints", "log_every", "epsilon_decay",
+            "num_seeds",
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
@@ -178,6 +184,12 @@ class Config:
             atari = envs.check_env_id(self.env)
         except ValueError as e:
             raise ConfigError("env", str(e)) from None
+        if self.num_seeds > 1 and not jax_envs.is_jax_env(self.env):
+            raise ConfigError(
+                "num_seeds",
+                f"more than one seed runs on JAX-native environments "
+                f"({', '.join(jax_envs.GYMNAX_IDS[:3])}); {self.env} is not one",
+            )
         if atari and self.network == "mlp":
             raise ConfigError("network", f"{self.env} gives images: use nature or notebook")
         if not atari and self.network != "mlp":
@@ -275,7 +287,7 @@ def make_network(config: Config, env: Any, seed: int | None = None) -> Any:
 CONFIG_FILE = "config.json"
 # Config fields added after runs were written with fdqn, and the value each such
 # run had in effect: a config.json without them loads with these values.
-FIELDS_ADDED_LATER: dict[str, Any] = {"dtype_policy": "float32"}
+FIELDS_ADDED_LATER: dict[str, Any] = {"dtype_policy": "float32", "num_seeds": 1}
 
 
 def save_config(config: Config, run_dir: str) -> None:

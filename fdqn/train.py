@@ -57,7 +57,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fdqn import checkpoint, cpu, envs, networks, reporting, rundir
+from fdqn import checkpoint, cpu, envs, networks, reporting, rundir, seed_runs
 from fdqn.config import (
     CONFIG_FILE,
     PRESETS,
@@ -797,6 +797,8 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
                 f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                 f"or choose another --run-dir"
             )
+    if config.num_seeds > 1:
+        return _run_seeds(config, run_dir, resume, stops)
     # built before anything is written, so that a replay memory larger than the RAM
     # fails here; mapping the memory takes seconds per GiB on some machines
     run = build(config, cpu_layers=cpu_tuning)
@@ -817,6 +819,30 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
         return 128 + stops.received[0]
     summary.pop("state")
     print(json.dumps(summary))
+    return 0
+
+
+def _run_seeds(config: Config, run_dir: str, resume: bool, stops: StopRequests) -> int:
+    """``--num-seeds S``: the seeds in one compiled program (:mod:`fdqn.seed_runs`)."""
+    if resume:
+        raise ValueError(
+            f"{run_dir} trains {config.num_seeds} seeds at once: resuming such runs is not "
+            f"supported yet (they write no checkpoints)"
+        )
+    save_config(config, run_dir)
+    stops.accepting = stops.started = True
+    result = seed_runs.train_seeds(config, run_dir, sys.stderr, stops)
+    stops.accepting = False
+    if result.status == "interrupted":
+        print(
+            f"fdqn.train: {stops.name()} at agent step {result.agent_steps:,} of each seed; "
+            f"runs of --num-seeds keep no checkpoint yet",
+            file=sys.stderr,
+        )
+        return 128 + stops.received[0]
+    if result.status == "diverged":
+        return EXIT_NAN
+    print(json.dumps(dataclasses.asdict(result)))
     return 0
 
 

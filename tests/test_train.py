@@ -224,7 +224,7 @@ def test_evaluate_plays_a_model_file(tiny_run, tmp_path, capsys):
     assert len(err) == 1 and "cannot load Keras model file" in err[0]
 
 
-def test_first_line_says_cpu_tuning_and_the_flag_turns_it_off(tiny_run, tmp_path):
+def test_first_line_says_cpu_tuning_and_the_flag_turns_it_off(tiny_run, tmp_path, capsys):
     _, stderr = tiny_run
     first = stderr.splitlines()[0]
     if cpu.accelerator_installed():
@@ -234,10 +234,10 @@ def test_first_line_says_cpu_tuning_and_the_flag_turns_it_off(tiny_run, tmp_path
             first.startswith("fdqn.train: CPU tuning on (XLA_FLAGS=") and "--no-cpu-tuning" in first
         )
     args = [f"--{k.replace('_', '-')}={v}" for k, v in CARTPOLE_TINY.items()]
-    off = run_cli("--preset", "cartpole", "--run-dir", str(tmp_path / "b"), *args,
-                  "--total-steps=20", "--no-cpu-tuning")  # fmt: skip
-    assert off.returncode == 0, off.stderr
-    assert "CPU tuning" not in off.stderr
+    code = train.main(["--preset", "cartpole", "--run-dir", str(tmp_path / "b"), *args,
+                       "--total-steps=20", "--no-cpu-tuning"])  # fmt: skip
+    assert code == 0
+    assert "CPU tuning" not in capsys.readouterr().err
 
 
 def test_breakout_smoke(tmp_path):
@@ -254,22 +254,16 @@ def test_breakout_smoke(tmp_path):
     ckpt = checkpoint.latest_checkpoint(str(run_dir))
     assert os.path.exists(os.path.join(ckpt, "replay.npz"))
     gif = tmp_path / "game.gif"
-    result = subprocess.run(
-        [sys.executable, "-m", "fdqn.evaluate", str(run_dir), "--episodes", "1", "--gif", str(gif)],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
+    assert evaluate_main([str(run_dir), "--episodes", "1", "--gif", str(gif)]) == 0
     assert gif.read_bytes()[:6] == b"GIF89a"
 
 
-def test_notebook_preset_prints_its_episode_lines(tmp_path):
-    result = run_cli(
-        "--preset", "notebook", "--run-dir", str(tmp_path / "run"), "--total-episodes", "1",
-        "--learning-starts", "200",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Episode 0 ")]
+def test_notebook_preset_prints_its_episode_lines(tmp_path, capsys):
+    code = train.main(["--preset", "notebook", "--run-dir", str(tmp_path / "run"),
+                       "--total-episodes", "1", "--learning-starts", "200",
+                       "--no-cpu-tuning"])  # fmt: skip
+    assert code == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("Episode 0 ")]
     assert len(lines) == 1 and "achieved score" in lines[0] and "training steps" in lines[0]
 
 

@@ -1,0 +1,324 @@
+"""The whole training run as one compiled program: acting, env steps, replay, updates, target sync.
+
+:func:`make_run` turns a :class:`fdqn.config.Config` and a JAX-native
+environment (:mod:`fdqn.jax_envs`) into a :class:`CompiledRun`. One agent
+step of all environments is the pure function :meth:`CompiledRun.step`; a
+stretch of them is ``jax.lax.scan`` of it under one ``jax.jit``
+(:meth:`CompiledRun.run`), with the run's whole state in one immutable
+carry (:class:`RunState`): learner state, replay contents, environment
+state, counters and PRNG keys. Nothing leaves the device inside the scan.
+
+Many seeds train in one program: :meth:`CompiledRun.init` with a list of
+seeds stacks their states along a leading axis and :meth:`CompiledRun.run`
+maps the step over it with ``jax.vmap``. Each seed has its own initial
+weights, environment and exploration keys; the result of a seed does not
+depend on which others run beside it.
+
+Within a step the order is: epsilon from the agent step count, epsilon-
+greedy actions of the online network, the environment step, the replay
+write, the updates due (one every ``train_every`` agent steps from
+``learning_starts`` on, each on a batch sampled uniformly from the replay,
+which already holds this step's transitions), then the target sync.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from fdqn import jax_envs
+from fdqn.config import Config
+from fdqn.device_replay import TransitionRing, ring_add, ring_init, ring_sample, ring_size
+from fdqn.exploration import epsilon_greedy, exponential_epsilon, linear_epsilon
+from fdqn.learner import Batch, TrainState, make_optimizer, sync_target, update
+from fdqn.networks import mlp, pure_q_fn
+
+_LEARNER_METRICS = ("loss", "q_taken", "td_abs", "grad_norm")
+
+
+class Counters(NamedTuple):
+    """Progress of a run, int32 scalars."""
+
+    agent_steps: jax.Array
+    updates: jax.Array
+    target_syncs: jax.Array
+    episodes: jax.Array
+
+
+class RunState(NamedTuple):
+    """Everything a compiled run carries from one step to the next (a pytree)."""
+
+    learner: TrainState
+    replay: TransitionRing
+    env_state: Any
+    obs: jax.Array  # (num_envs, *obs_shape): what the agent acts on next
+    episode_return: jax.Array  # (num_envs,) of the episodes under way
+    episode_length: jax.Array  # (num_envs,) int32
+    counters: Counters
+    key: jax.Array  # exploration, environment and sampling randomness
+    learner_metrics: dict[str, jax.Array]  # of the latest update (NaN before the first)
+
+
+class StepMetrics(NamedTuple):
+    """What one step reports (stacked along a time axis by :meth:`CompiledRun.run`).
+
+    ``episode_return`` and ``episode_length`` are the finished episodes' (true
+    scores and lengths) where ``done`` is set, and 0 elsewhere.
+    """
+
+    agent_steps: jax.Array
+    epsilon: jax.Array
+    done: jax.Array
+    episode_return: jax.Array
+    episode_length: jax.Array
+    updates: jax.Array
+    learner: dict[str, jax.Array]
+
+
+def _schedule(config: Config):
+    if config.epsilon_schedule == "linear":
+        duration = max(1, int(config.exploration_fraction * config.total_steps))
+        return linear_epsilon(config.epsilon_start, config.epsilon_end, duration)
+    return exponential_epsilon(config.epsilon_start, config.epsilon_end, config.epsilon_decay)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompiledRun:
+    """A configured run whose steps are pure functions of a :class:`RunState`.
+
+    Made by :func:`make_run`; hashed by identity (a static argument of ``jit``).
+    """
+
+    config: Config
+    env: jax_envs.JaxVecEnv
+    model: Any  # the Keras network whose weights the seeds start from
+    q_fn: Any
+    optimizer: Any
+
+    # -- the initial state --------------------------------------------------------
+
+    def init(self, seeds: int | Sequence[int]) -> RunState:
+        """The state at agent step 0 for one seed, or for several stacked on a leading axis.
+
+        Initial weights are the Keras network's, drawn with the seed (as
+        :func:`fdqn.config.make_network` does); environment, exploration and
+        replay sampling keys come from ``jax.random.key(seed)``.
+        """
+        if isinstance(seeds, (list, tuple)):
+            if not seeds:
+                raise ValueError("seeds must not be empty")
+            states = [self.init(int(s)) for s in seeds]
+            return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+        if not isinstance(seeds, int) or isinstance(seeds, bool) or not 0 <= seeds < 2**31:
+            raise ValueError(f"seed must be an integer in [0, 2**31), got {seeds!r}")
+        _, params = pure_q_fn(_network(self.config, self.env, seeds))
+        learner = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            target_params=jax.tree.map(jnp.copy, params),
+            opt_state=self.optimizer.init(params),
+            key=jax.random.key(seeds),
+            q_fn=self.q_fn,
+            optimizer=self.optimizer,
+        )
+        key, reset_key = jax.random.split(jax.random.fold_in(jax.random.key(seeds), 1))
+        obs, env_state = self.env.reset(reset_key)
+        n = self.env.num_envs
+        return RunState(
+            learner=learner,
+            replay=ring_init(self.config.buffer_size, n, self.env.obs_shape),
+            env_state=env_state,
+            obs=obs,
+            episode_return=jnp.zeros(n, jnp.float32),
+            episode_length=jnp.zeros(n, jnp.int32),
+            counters=Counters(*(jnp.zeros((), jnp.int32) for _ in Counters._fields)),
+            key=key,
+            learner_metrics={k: jnp.full((), jnp.nan, jnp.float32) for k in _LEARNER_METRICS},
+        )
+
+    # -- one step -----------------------------------------------------------------
+
+    def step(self, state: RunState) -> tuple[RunState, StepMetrics]:
+        """One agent step of all environments, and the learning due after it (pure)."""
+        config, n = self.config, self.env.num_envs
+        key, act_key, env_key, learn_key = jax.random.split(state.key, 4)
+        counters = state.counters
+        epsilon = _schedule(config)(counters.agent_steps)
+        learner = state.learner
+        action = epsilon_greedy(act_key, learner.q_fn(learner.params, state.obs), epsilon)
+        out = self.env.step(env_key, state.env_state, action)
+        replay = ring_add(
+            state.replay, Batch(state.obs, action, out.reward, out.final_obs, out.terminated)
+        )
+        step = counters.agent_steps + n
+        learning = (step >= config.learning_starts) & (ring_size(replay) >= config.batch_size)
+        due = jnp.where(
+            learning,
+            jnp.maximum(
+                0, (step - config.learning_starts) // config.train_every + 1 - counters.updates
+            ),
+            0,
+        )
+        learner, learner_metrics = self._learn(
+            learner, replay, learn_key, due, state.learner_metrics
+        )
+
+        done = out.terminated | out.truncated
+        episode_return = state.episode_return + out.reward
+        episode_length = state.episode_length + 1
+        episodes = counters.episodes + jnp.sum(done, dtype=jnp.int32)
+        if config.target_update_unit == "steps":
+            sync = learning & (step // config.target_update > counters.target_syncs)
+            syncs = jnp.where(sync, step // config.target_update, counters.target_syncs)
+        else:  # after episodes 0, T, 2T, ... (0-based), as the host loop
+            t = config.target_update
+            sync = (episodes + t - 1) // t > (counters.episodes + t - 1) // t
+            syncs = counters.target_syncs + sync.astype(jnp.int32)
+        learner = jax.lax.cond(sync, lambda s: sync_target(s, config.tau), lambda s: s, learner)
+
+        metrics = StepMetrics(
+            agent_steps=step,
+            epsilon=jnp.asarray(epsilon, jnp.float32),
+            done=done,
+            episode_return=jnp.where(done, episode_return, 0.0),
+            episode_length=jnp.where(done, episode_length, 0),
+            updates=counters.updates + due,
+            learner=learner_metrics,
+        )
+        state = RunState(
+            learner=learner,
+            replay=replay,
+            env_state=out.state,
+            obs=out.obs,
+            episode_return=jnp.where(done, 0.0, episode_return),
+            episode_length=jnp.where(done, 0, episode_length),
+            counters=Counters(step, counters.updates + due, syncs, episodes),
+            key=key,
+            learner_metrics=learner_metrics,
+        )
+        return state, metrics
+
+    def _learn(self, learner, replay, key, due, metrics):
+        """``due`` updates, each on a fresh uniform batch (a loop of dynamic length)."""
+        config = self.config
+        loss_kwargs = dict(
+            gamma=config.gamma,
+            double_q=config.double_q,
+            huber_delta=config.huber_delta or None,
+            reduction=config.loss_reduction,
+            mask_terminal=config.mask_terminal,
+        )
+
+        def one_update(i, carry):
+            learner, metrics = carry
+            batch = ring_sample(replay, jax.random.fold_in(key, i), config.batch_size)
+            learner, new = update(learner, batch, **loss_kwargs)
+            return learner, {k: new[k].astype(jnp.float32) for k in _LEARNER_METRICS}
+
+        return jax.lax.fori_loop(0, due, one_update, (learner, metrics))
+
+    # -- many steps ---------------------------------------------------------------
+
+    def run(self, state: RunState, num_steps: int) -> tuple[RunState, StepMetrics]:
+        """``num_steps`` steps as one ``lax.scan`` under ``jax.jit``.
+
+        ``state`` from ``init(seed)`` or ``init([seeds])`` (then every seed
+        steps at once, ``vmap``-ped); its buffers are donated: use the state
+        returned. Metrics come back stacked, ``(num_steps, ...)`` or
+        ``(num_seeds, num_steps, ...)``.
+        """
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
+        batched = state.counters.agent_steps.ndim == 1
+        return _compiled(self, num_steps, batched)(state)
+
+    def evaluate(self, params: Any, key: jax.Array, episodes: int, epsilon: float) -> jax.Array:
+        """True returns of ``episodes`` whole games of the epsilon-greedy policy (pure).
+
+        The games are played at once, one environment each, until every one
+        has ended (at most the environment's time limit). ``params`` and
+        ``key`` may carry a leading seed axis: then every seed plays its own.
+        """
+        if not isinstance(episodes, int) or episodes < 1:
+            raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
+        batched = jax.tree.leaves(params)[0].ndim > len(self.model.weights[0].shape)
+        return _evaluator(self, episodes, float(epsilon), batched)(params, key)
+
+    def steps_for(self, agent_steps: int) -> int:
+        """Steps of all environments that reach ``agent_steps`` (rounded up)."""
+        return -(-agent_steps // self.env.num_envs)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(run: CompiledRun, num_steps: int, batched: bool):
+    def scan(state):
+        def body(state, _):
+            return run.step(state)
+
+        return jax.lax.scan(body, state, length=num_steps)
+
+    return jax.jit(jax.vmap(scan) if batched else scan, donate_argnums=0)
+
+
+@functools.lru_cache(maxsize=32)
+def _evaluator(run: CompiledRun, episodes: int, epsilon: float, batched: bool):
+    env = dataclasses.replace(run.env, num_envs=episodes)
+    limit = int(getattr(env.params, "max_steps_in_episode", 100_000)) + 1
+
+    def play(params, key):
+        key, reset_key = jax.random.split(key)
+        obs, env_state = env.reset(reset_key)
+        zeros = jnp.zeros(episodes, jnp.float32)
+        ended = jnp.zeros(episodes, bool)
+
+        def unfinished(carry):
+            t, *_, ended = carry
+            return (t < limit) & ~jnp.all(ended)
+
+        def step(carry):
+            t, key, obs, env_state, returns, ended = carry
+            key, act_key, env_key = jax.random.split(key, 3)
+            action = epsilon_greedy(act_key, run.q_fn(params, obs), epsilon)
+            out = env.step(env_key, env_state, action)
+            returns = returns + jnp.where(ended, 0.0, out.reward)
+            ended = ended | out.terminated | out.truncated
+            return t + 1, key, out.obs, out.state, returns, ended
+
+        carry = (jnp.zeros((), jnp.int32), key, obs, env_state, zeros, ended)
+        return jax.lax.while_loop(unfinished, step, carry)[4]
+
+    return jax.jit(jax.vmap(play) if batched else play)
+
+
+def _network(config: Config, env: jax_envs.JaxVecEnv, seed: int | None):
+    if config.network != "mlp":
+        raise ValueError(f"--network: {config.env} gives vectors: use mlp")
+    return mlp(
+        env.num_actions,
+        int(env.obs_shape[0]),
+        config.hidden,
+        dtype_policy=config.dtype_policy,
+        seed=seed,
+    )
+
+
+def make_run(config: Config, env: jax_envs.JaxVecEnv | None = None) -> CompiledRun:
+    """The compiled run of a validated ``config`` on a JAX-native environment.
+
+    ``env`` defaults to ``jax_envs.make(config.env, config.num_envs)``.
+
+    Raises:
+      ValueError: the config asks for something the compiled run does not do.
+      fdqn.jax_envs.GymnaxMissing: gymnax is not installed.
+    """
+    config = config.validate()
+    env = env if env is not None else jax_envs.make(config.env, config.num_envs)
+    model = _network(config, env, seed=config.seed)
+    q_fn, _ = pure_q_fn(model)
+    optimizer = make_optimizer(
+        config.optimizer, config.lr, clip=config.clip, max_grad_norm=config.max_grad_norm
+    )
+    return CompiledRun(config=config, env=env, model=model, q_fn=q_fn, optimizer=optimizer)

@@ -1,0 +1,229 @@
+"""Many seeds trained in one compiled program, from the command line (``--num-seeds S``).
+
+The run is :mod:`fdqn.compiled`'s, on a JAX-native environment, compiled in
+chunks of agent steps. Between chunks the host writes what the program
+returned:
+
+- ``metrics.csv``: a row per finished game and seed (``step``, ``seed``,
+  ``episode``, ``score``, ``length``, ``epsilon``, ``loss``);
+- ``eval.csv``: a row per evaluation and seed (every ``eval_every`` agent
+  steps and at the end: ``eval_episodes`` games at ``eval_epsilon``);
+- a progress line per chunk: agent steps of one seed, agent steps per
+  second over all seeds, the mean score of the last 100 games across seeds
+  and its spread;
+- TensorBoard scalars per seed and their mean (with ``tensorboardX``);
+- at the end ``model-seed{N}.keras`` for each seed, ``summary.json`` with
+  every seed's final evaluation, and ``learning_curve.png`` with every seed
+  and their mean.
+
+Checkpoints and ``--resume`` of such runs are not written yet: a stopped
+run (SIGINT, SIGTERM, a NaN loss) keeps its CSVs and summary, not its state.
+"""
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, TextIO
+
+import jax
+import numpy as np
+
+from fdqn import networks, reporting, rundir
+from fdqn.compiled import make_run
+from fdqn.config import Config
+
+METRIC_FIELDS = ["step", "seed", "episode", "score", "length", "epsilon", "loss"]
+EVAL_FIELDS = ["step", "seed", "episodes", "mean", "median", "std", "min", "max"]
+
+
+@dataclasses.dataclass
+class SeedsResult:
+    status: str  # "finished", "interrupted" or "diverged"
+    agent_steps: int
+    seeds: list[int]
+    final_eval: list[float] | None  # mean score of each seed's final evaluation
+
+
+def train_seeds(config: Config, run_dir: str, stream: TextIO, stops: Any = ()) -> SeedsResult:
+    """Trains ``config.num_seeds`` agents (seeds ``seed, seed+1, ...``) in one program."""
+    run = make_run(config)
+    seeds = [config.seed + i for i in range(config.num_seeds)]
+    n = config.num_envs
+    state = run.init(seeds)
+    total = run.steps_for(config.total_steps)
+    chunk = max(1, min(config.log_every, config.eval_every or config.log_every) // n)
+    tb = reporting._tensorboard(os.path.join(run_dir, "tb"))
+    recent = [[] for _ in seeds]
+    episodes = [0] * len(seeds)
+    evaluations = 0
+    done_steps = 0
+    status = "finished"
+    start = time.perf_counter()
+    with (
+        _Csv(os.path.join(run_dir, "metrics.csv"), METRIC_FIELDS) as rows,
+        _Csv(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS) as eval_rows,
+    ):
+        while done_steps < total:
+            if stops:
+                status = "interrupted"
+                break
+            steps = min(chunk, total - done_steps)
+            state, metrics = run.run(state, steps)
+            done_steps += steps
+            step = done_steps * n
+            loss = np.asarray(metrics.learner["loss"])  # (S, steps); NaN before the first update
+            if np.any(~np.isfinite(loss) & (np.asarray(metrics.updates) > 0)):
+                status = "diverged"
+                stream.write(f"the loss became non-finite by agent step {step:,}\n")
+                break
+            _write_episodes(rows, metrics, seeds, episodes, recent, tb)
+            rate = len(seeds) * step / (time.perf_counter() - start)
+            means = [np.mean(r[-100:]) if r else math.nan for r in recent]
+            stream.write(_progress(step, config.total_steps, rate, means, metrics, loss) + "\n")
+            stream.flush()
+            if config.eval_every and step // config.eval_every > evaluations:
+                evaluations = step // config.eval_every
+                _evaluate(run, state, config, seeds, step, evaluations, eval_rows, tb, stream)
+        final = None
+        if status == "finished":
+            final = _evaluate(
+                run, state, config, seeds, step, evaluations + 1, eval_rows, tb, stream
+            )
+    if tb:
+        tb.close()
+    for i, seed in enumerate(seeds):
+        params = jax.tree.map(lambda x, i=i: x[i], state.learner.params)
+        networks.save_model(run.model, params, os.path.join(run_dir, f"model-seed{seed}.keras"))
+    result = SeedsResult(status, done_steps * n, seeds, final)
+    rundir.atomic_write(
+        os.path.join(run_dir, "summary.json"),
+        lambda f: json.dump(dataclasses.asdict(result), f, indent=2),
+    )
+    plot_seeds(run_dir, f"fdqn DQN on {config.env}, {len(seeds)} seeds")
+    return result
+
+
+def _write_episodes(rows, metrics, seeds, episodes, recent, tb) -> None:
+    done = np.asarray(metrics.done)  # (S, steps, N)
+    returns, lengths = np.asarray(metrics.episode_return), np.asarray(metrics.episode_length)
+    steps, epsilon = np.asarray(metrics.agent_steps), np.asarray(metrics.epsilon)
+    loss = np.asarray(metrics.learner["loss"])
+    for i, seed in enumerate(seeds):
+        for t, e in zip(*np.nonzero(done[i])):
+            episodes[i] += 1
+            score = float(returns[i, t, e])
+            recent[i].append(score)
+            rows.write([int(steps[i, t]), seed, episodes[i], score, int(lengths[i, t, e]),
+                        round(float(epsilon[i, t]), 6), _number(loss[i, t])])  # fmt: skip
+            if tb:
+                tb.add_scalar(f"seed{seed}/score", score, int(steps[i, t]))
+        del recent[i][:-100]
+    if tb and all(recent):
+        tb.add_scalar(
+            "all/mean_score", float(np.mean([np.mean(r) for r in recent])), int(steps[0, -1])
+        )
+
+
+def _number(x) -> Any:
+    return "" if not np.isfinite(x) else float(x)
+
+
+def _progress(step, total, rate, means, metrics, loss) -> str:
+    finite = [m for m in means if np.isfinite(m)]
+    score = (
+        f"score(100) {np.mean(finite):.1f} (seeds {min(finite):.0f}-{max(finite):.0f})"
+        if finite
+        else "score(100) -"
+    )
+    last = loss[:, -1]
+    loss_text = f"{np.nanmean(last):.4g}" if np.any(np.isfinite(last)) else "-"
+    epsilon = float(np.asarray(metrics.epsilon)[0, -1])
+    return (
+        f"{min(step, total):,}/{total:,} steps per seed | {rate:,.0f} steps/s (all seeds) | "
+        f"{score} | eps {epsilon:.3f} | loss {loss_text}"
+    )
+
+
+def _evaluate(run, state, config, seeds, step, index, rows, tb, stream) -> list[float]:
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1_000_003 * index))(
+        np.asarray(seeds)
+    )
+    scores = np.asarray(
+        run.evaluate(state.learner.params, keys, config.eval_episodes, config.eval_epsilon)
+    )
+    for seed, s in zip(seeds, scores):
+        rows.write([step, seed, len(s), float(s.mean()), float(np.median(s)), float(s.std()),
+                    float(s.min()), float(s.max())])  # fmt: skip
+        if tb:
+            tb.add_scalar(f"seed{seed}/eval_mean", float(s.mean()), step)
+    means = scores.mean(axis=1)
+    stream.write(
+        f"eval at step {step:,}: mean over seeds {means.mean():.1f} "
+        f"(seeds {means.min():.1f}-{means.max():.1f}) over {scores.shape[1]} games each\n"
+    )
+    return [float(m) for m in means]
+
+
+class _Csv:
+    def __init__(self, path: str, fields: list[str]):
+        self._file = open(path, "w", newline="")
+        self._writer = csv.writer(self._file)
+        self._writer.writerow(fields)
+
+    def write(self, row: list) -> None:
+        self._writer.writerow(row)
+
+    def __enter__(self) -> "_Csv":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+
+
+def plot_seeds(run_dir: str, title: str, smooth: int = 20) -> str | None:
+    """``learning_curve.png``: each seed's smoothed scores, their mean, and evaluations."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    episodes = reporting.read_csv(os.path.join(run_dir, "metrics.csv"))
+    evals = reporting.read_csv(os.path.join(run_dir, "eval.csv"))
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    grid = None
+    curves = []
+    if episodes:
+        last = episodes["step"].max()
+        grid = np.linspace(0, last, 200)
+        for seed in np.unique(episodes["seed"]):
+            mine = episodes["seed"] == seed
+            steps, scores = episodes["step"][mine], episodes["score"][mine]
+            k = min(smooth, len(scores))
+            if k < 1:
+                continue
+            smoothed = np.convolve(scores, np.ones(k) / k, mode="valid")
+            ax.plot(steps[k - 1 :], smoothed, color="0.7", linewidth=0.8)
+            curves.append(np.interp(grid, steps[k - 1 :], smoothed, left=np.nan))
+    if curves:
+        ax.plot(grid, np.nanmean(np.array(curves), axis=0), color="C0", linewidth=2,
+                label=f"mean of {len(curves)} seeds (each grey: last {smooth} games)")  # fmt: skip
+    if evals:
+        steps = np.unique(evals["step"])
+        means = [evals["mean"][evals["step"] == s].mean() for s in steps]
+        ax.plot(steps, means, "o-", color="C3", label="evaluation, mean over seeds")
+    ax.set_xlabel("agent steps (per seed)")
+    ax.set_ylabel("score (unclipped, whole game)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves or evals:
+        ax.legend(loc="upper left")
+    path = os.path.join(run_dir, "learning_curve.png")
+    fig.tight_layout()
+    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    plt.close(fig)
+    return path

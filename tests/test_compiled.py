@@ -1,0 +1,199 @@
+"""The compiled run: the on-device replay, gymnax environments, one scan per run, many seeds."""
+
+import subprocess
+import sys
+
+import gymnasium as gym
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+
+from fdqn.config import Config
+from fdqn.device_replay import ring_add, ring_init, ring_sample, ring_size
+from fdqn.learner import Batch
+
+gymnax = pytest.importorskip("gymnax", reason="the compiled run's environments need gymnax")
+
+from fdqn import jax_envs  # noqa: E402
+from fdqn.compiled import make_run  # noqa: E402
+
+# -- the replay ring ------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    num_envs=st.integers(1, 3),
+    per_env=st.integers(1, 5),
+    steps=st.integers(1, 14),
+    seed=st.integers(0, 2**16),
+)
+def test_ring_holds_the_newest_transitions_of_each_env_like_a_naive_buffer(
+    num_envs, per_env, steps, seed
+):
+    rng = np.random.default_rng(seed)
+    ring = ring_init(num_envs * per_env, num_envs, (2,))
+    naive = [[] for _ in range(num_envs)]  # whole transitions, newest last
+    for _ in range(steps):
+        batch = Batch(
+            obs=rng.normal(size=(num_envs, 2)).astype(np.float32),
+            action=rng.integers(0, 4, num_envs),
+            reward=rng.normal(size=num_envs).astype(np.float32),
+            next_obs=rng.normal(size=(num_envs, 2)).astype(np.float32),
+            terminated=rng.random(num_envs) < 0.3,
+        )
+        ring = jax.jit(ring_add)(ring, batch)
+        for e in range(num_envs):
+            naive[e].append(tuple(np.asarray(field[e]) for field in batch))
+            naive[e] = naive[e][-per_env:]
+    assert int(ring_size(ring)) == sum(len(n) for n in naive)
+    for e in range(num_envs):
+        held = {
+            tuple(np.asarray(f[e, c]).tobytes() for f in ring[:5])
+            for c in range(min(steps, per_env))
+        }
+        want = {
+            tuple(np.asarray(x, f.dtype).tobytes() for x, f in zip(t, ring[:5])) for t in naive[e]
+        }
+        assert held == want
+    sample = ring_sample(ring, jax.random.key(seed), 64)
+    stored = {
+        tuple(np.asarray(x, f.dtype).tobytes() for x, f in zip(t, ring[:5]))
+        for n in naive
+        for t in n
+    }
+    for i in range(64):
+        assert tuple(np.asarray(f[i]).tobytes() for f in sample) in stored
+
+
+def test_ring_refuses_bad_sizes():
+    with pytest.raises(ValueError, match="capacity must be at least num_envs"):
+        ring_init(2, 4, (3,))
+    with pytest.raises(ValueError, match="obs_shape must be one or more"):
+        ring_init(8, 2, ())
+    with pytest.raises(ValueError, match="capacity must be a positive integer"):
+        ring_init(True, 1, (3,))
+
+
+# -- gymnax environments ---------------------------------------------------------------
+
+
+def test_gymnax_cartpole_follows_gymnasium_dynamics_on_the_same_actions():
+    env = jax_envs.make("CartPole-v1", 1)
+    obs, state = env.reset(jax.random.key(0))
+    reference = gym.make("CartPole-v1").unwrapped
+    reference.reset(seed=0)
+    reference.state = np.asarray(obs[0], np.float64)
+    actions = np.random.default_rng(0).integers(0, 2, 200)
+    for t, action in enumerate(actions):
+        out = env.step(jax.random.key(t), state, jnp.asarray([action], jnp.int32))
+        ref_obs, ref_reward, ref_terminated, _, _ = reference.step(int(action))
+        np.testing.assert_allclose(out.final_obs[0], ref_obs, rtol=1e-4, atol=1e-5)
+        assert float(out.reward[0]) == ref_reward
+        assert bool(out.terminated[0]) == ref_terminated
+        if ref_terminated:
+            break
+        state = out.state
+    assert ref_terminated, "the random actions should end the episode within 200 steps"
+
+
+def test_gymnax_time_limit_is_truncation_not_termination():
+    env = jax_envs.make("CartPole-v1", 2)
+    short = env.params.replace(max_steps_in_episode=3)
+    env = jax_envs.JaxVecEnv("CartPole-v1", 2, env.env, short, env.obs_shape, env.num_actions)
+    obs, state = env.reset(jax.random.key(0))
+    for t in range(3):
+        out = env.step(jax.random.key(t), state, jnp.zeros(2, jnp.int32))
+        state = out.state
+    assert out.truncated.tolist() == [True, True] and out.terminated.tolist() == [False, False]
+    assert not np.array_equal(out.obs, out.final_obs)  # reset in the same step
+
+
+def test_unknown_jax_env_id_and_missing_gymnax_are_one_line_errors():
+    with pytest.raises(ValueError, match="unknown JAX env id 'Pong-v5'"):
+        jax_envs.make("Pong-v5", 1)
+    code = (
+        "import sys; sys.modules['gymnax'] = None\n"
+        "import fdqn, fdqn.compiled, fdqn.jax_envs as j\n"
+        "try:\n    j.make('CartPole-v1', 1)\n"
+        "except j.GymnaxMissing as e:\n    print(e)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "pip install -e '.[gymnax]'" in result.stdout
+
+
+# -- the compiled run ------------------------------------------------------------------
+
+TINY = Config(
+    env="CartPole-v1", network="mlp", hidden=(16, 16), num_envs=4, total_steps=2_000, lr=1e-3,
+    batch_size=16, buffer_size=400, learning_starts=40, train_every=2, target_update=30,
+    clip="global", epsilon_end=0.05, exploration_fraction=0.5, eval_every=0, checkpoint_every=0,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return make_run(TINY)
+
+
+def test_counters_follow_the_schedule_of_updates_and_syncs(tiny):
+    state, metrics = tiny.run(tiny.init(1), 25)  # 100 agent steps, 4 per step
+    c = state.counters
+    assert int(c.agent_steps) == 100
+    # an update every 2 agent steps from step 40 on: (100 - 40) // 2 + 1
+    assert int(c.updates) == 31 and int(state.learner.step) == 31
+    assert int(c.target_syncs) == 100 // 30
+    assert int(c.episodes) == int(np.sum(metrics.done))
+    assert metrics.agent_steps.tolist() == list(range(4, 101, 4))
+    # no learner figures before the first update (agent step 40 is the 10th step)
+    assert np.isnan(metrics.learner["loss"][8]) and np.isfinite(metrics.learner["loss"][9])
+    finished = metrics.episode_return[metrics.done]
+    assert np.all(finished >= 1) and np.all(finished == metrics.episode_length[metrics.done])
+
+
+def test_the_same_steps_eagerly_give_the_same_state(tiny):
+    learning, _ = tiny.run(tiny.init(2), 25)  # past learning_starts: each step updates
+    jitted = jax.jit(tiny.step)
+    eager = compiled_ = learning
+    for _ in range(2):
+        compiled_, _ = jitted(compiled_)
+        with jax.disable_jit():
+            eager, _ = tiny.step(eager)
+    # two more steps of 4 agent steps, an update every 2: 31 + 4
+    assert int(eager.counters.updates) == int(compiled_.counters.updates) == 35
+    for a, b in zip(
+        jax.tree.leaves(eager.learner.params), jax.tree.leaves(compiled_.learner.params)
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(eager.replay.action, compiled_.replay.action)
+    np.testing.assert_allclose(eager.obs, compiled_.obs, rtol=1e-5, atol=1e-6)
+
+
+def test_seeds_in_one_program_equal_single_seed_runs_and_differ_from_each_other(tiny):
+    seeds = [3, 5, 7]
+    together, metrics = tiny.run(tiny.init(seeds), 25)
+    for i, seed in enumerate(seeds):
+        alone, alone_metrics = tiny.run(tiny.init(seed), 25)
+        for a, b in zip(
+            jax.tree.leaves(alone.learner.params), jax.tree.leaves(together.learner.params)
+        ):
+            # batched matmuls round differently in the last bits, nothing more
+            np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(alone_metrics.done, metrics.done[i])
+        np.testing.assert_array_equal(alone_metrics.episode_return, metrics.episode_return[i])
+    first = jax.tree.leaves(together.learner.params)[0]
+    assert not np.allclose(first[0], first[1]) and not np.allclose(first[1], first[2])
+    done, episode_return = np.asarray(metrics.done), np.asarray(metrics.episode_return)
+    returns = [tuple(episode_return[i][done[i]].tolist()) for i in range(3)]
+    assert len(set(returns)) == 3
+
+
+def test_episode_unit_target_syncs_count_episodes():
+    run = make_run(TINY.replace(target_update_unit="episodes", target_update=3))
+    state, metrics = run.run(run.init(1), 40)
+    episodes = int(state.counters.episodes)
+    assert episodes == int(np.sum(metrics.done)) > 3
+    assert int(state.counters.target_syncs) == -(-episodes // 3)  # after episodes 0, 3, 6, ...
