@@ -54,13 +54,16 @@ def train_seeds(config: Config, run_dir: str, stream: TextIO, stops: Any = ()) -
     n = config.num_envs
     state = run.init(seeds)
     total = run.steps_for(config.total_steps)
-    chunk = max(1, min(config.log_every, config.eval_every or config.log_every) // n)
+    # chunks end on every log line and evaluation: one compiled length for the whole run
+    chunk = max(1, math.gcd(config.log_every, config.eval_every or config.log_every) // n)
     tb = reporting._tensorboard(os.path.join(run_dir, "tb"))
     recent = [[] for _ in seeds]
     episodes = [0] * len(seeds)
     evaluations = 0
     done_steps = 0
     status = "finished"
+    final = None
+    step = 0
     start = time.perf_counter()
     with (
         _Csv(os.path.join(run_dir, "metrics.csv"), METRIC_FIELDS) as rows,
@@ -84,11 +87,15 @@ def train_seeds(config: Config, run_dir: str, stream: TextIO, stops: Any = ()) -
             means = [np.mean(r[-100:]) if r else math.nan for r in recent]
             stream.write(_progress(step, config.total_steps, rate, means, metrics, loss) + "\n")
             stream.flush()
+            final = None
             if config.eval_every and step // config.eval_every > evaluations:
                 evaluations = step // config.eval_every
-                _evaluate(run, state, config, seeds, step, evaluations, eval_rows, tb, stream)
-        final = None
-        if status == "finished":
+                final = _evaluate(
+                    run, state, config, seeds, step, evaluations, eval_rows, tb, stream
+                )
+        if status != "finished":
+            final = None
+        elif final is None:  # the final policy, unless evaluated at this very step
             final = _evaluate(
                 run, state, config, seeds, step, evaluations + 1, eval_rows, tb, stream
             )
@@ -210,7 +217,11 @@ def plot_seeds(run_dir: str, title: str, smooth: int = 20) -> str | None:
             ax.plot(steps[k - 1 :], smoothed, color="0.7", linewidth=0.8)
             curves.append(np.interp(grid, steps[k - 1 :], smoothed, left=np.nan))
     if curves:
-        ax.plot(grid, np.nanmean(np.array(curves), axis=0), color="C0", linewidth=2,
+        stacked = np.array(curves)
+        seen = np.isfinite(stacked)
+        mean = np.where(seen, stacked, 0).sum(0) / np.maximum(seen.sum(0), 1)
+        mean[~seen.any(0)] = np.nan  # before any seed's first smoothed point
+        ax.plot(grid, mean, color="C0", linewidth=2,
                 label=f"mean of {len(curves)} seeds (each grey: last {smooth} games)")  # fmt: skip
     if evals:
         steps = np.unique(evals["step"])

@@ -1,5 +1,7 @@
 """The compiled run: the on-device replay, gymnax environments, one scan per run, many seeds."""
 
+import json
+import os
 import subprocess
 import sys
 
@@ -197,3 +199,41 @@ def test_episode_unit_target_syncs_count_episodes():
     episodes = int(state.counters.episodes)
     assert episodes == int(np.sum(metrics.done)) > 3
     assert int(state.counters.target_syncs) == -(-episodes // 3)  # after episodes 0, 3, 6, ...
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def test_num_seeds_trains_them_in_one_program_from_the_command_line(tmp_path, capsys):
+    from fdqn import reporting, train
+
+    run_dir = str(tmp_path / "run")
+    code = train.main(["--preset", "cartpole", "--num-seeds", "2", "--seed", "4",
+                       "--total-steps", "400", "--learning-starts", "100", "--hidden", "16,16",
+                       "--buffer-size", "1000", "--eval-every", "200", "--log-every", "200",
+                       "--eval-episodes", "2", "--run-dir", run_dir,
+                       "--no-cpu-tuning"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["status"] == "finished" and summary["seeds"] == [4, 5]
+    assert summary["agent_steps"] == 400 and len(summary["final_eval"]) == 2
+    assert "400/400 steps per seed" in captured.err
+    rows = reporting.read_csv(os.path.join(run_dir, "metrics.csv"))
+    assert set(rows["seed"].tolist()) == {4.0, 5.0}
+    evals = reporting.read_csv(os.path.join(run_dir, "eval.csv"))
+    assert evals["step"].tolist() == [200, 200, 400, 400]
+    np.testing.assert_allclose(evals["mean"][2:], summary["final_eval"])
+    for name in ("model-seed4.keras", "model-seed5.keras", "learning_curve.png", "config.json"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert train.main(["--resume", run_dir, "--no-cpu-tuning"]) == 2
+    assert "resuming such runs is not supported yet" in capsys.readouterr().err
+
+
+def test_num_seeds_needs_a_jax_native_environment(tmp_path, capsys):
+    from fdqn import train
+
+    code = train.main(["--num-seeds", "2", "--run-dir", str(tmp_path / "r"), "--no-cpu-tuning"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--num-seeds: more than one seed runs on JAX-native" in err[0]
