@@ -160,12 +160,11 @@ def test_the_same_steps_eagerly_give_the_same_state(tiny):
     learning, _ = tiny.run(tiny.init(2), 25)  # past learning_starts: each step updates
     jitted = jax.jit(tiny.step)
     eager = compiled_ = learning
-    for _ in range(2):
-        compiled_, _ = jitted(compiled_)
-        with jax.disable_jit():
-            eager, _ = tiny.step(eager)
-    # two more steps of 4 agent steps, an update every 2: 31 + 4
-    assert int(eager.counters.updates) == int(compiled_.counters.updates) == 35
+    compiled_, _ = jitted(compiled_)
+    with jax.disable_jit():  # slow: every operation dispatched on its own
+        eager, _ = tiny.step(eager)
+    # one more step of 4 agent steps, an update every 2: 31 + 2
+    assert int(eager.counters.updates) == int(compiled_.counters.updates) == 33
     for a, b in zip(
         jax.tree.leaves(eager.learner.params), jax.tree.leaves(compiled_.learner.params)
     ):
