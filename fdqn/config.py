@@ -61,7 +61,7 @@ class Config:
     num_seeds: int = _field(
         1,
         "agents trained at once, seeds --seed, --seed+1, ..., in one compiled program "
-        "(JAX-native environments: gymnax; no checkpoints yet)",
+        "(JAX-native environments: gymnax)",
     )
     optimizer: str = _field("adam", "optimizer: adam or rmsprop")
     lr: float = _field(1e-4, "learning rate, in (0, 1]")

@@ -16,8 +16,10 @@ returned:
   every seed's final evaluation, and ``learning_curve.png`` with every seed
   and their mean.
 
-Checkpoints and ``--resume`` of such runs are not written yet: a stopped
-run (SIGINT, SIGTERM, a NaN loss) keeps its CSVs and summary, not its state.
+Checkpoints hold every seed's whole run state, environments included:
+``--resume`` continues such a run exactly (``--checkpoint STEP`` picks one),
+and SIGINT or SIGTERM checkpoints before stopping. A NaN loss stops the run
+and keeps the last checkpoint.
 """
 
 import csv
@@ -31,7 +33,7 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-from fdqn import networks, reporting, rundir
+from fdqn import checkpoint, networks, reporting, rundir
 from fdqn.compiled import make_run
 from fdqn.config import Config
 
@@ -47,24 +49,71 @@ class SeedsResult:
     final_eval: list[float] | None  # mean score of each seed's final evaluation
 
 
-def train_seeds(config: Config, run_dir: str, stream: TextIO, stops: Any = ()) -> SeedsResult:
-    """Trains ``config.num_seeds`` agents (seeds ``seed, seed+1, ...``) in one program."""
+def train_seeds(
+    config: Config,
+    run_dir: str,
+    stream: TextIO,
+    stops: Any = (),
+    resume: bool = False,
+    checkpoint_step: int | None = None,
+) -> SeedsResult:
+    """Trains ``config.num_seeds`` agents (seeds ``seed, seed+1, ...``) in one program.
+
+    Checkpoints (every ``checkpoint_every`` agent steps, at a stop and at the
+    end) hold the whole :class:`fdqn.compiled.RunState` of every seed, the
+    environments' states included, so ``resume`` continues the run exactly:
+    the same steps give the same bits as a run straight through.
+    """
     run = make_run(config)
     seeds = [config.seed + i for i in range(config.num_seeds)]
     n = config.num_envs
     state = run.init(seeds)
     total = run.steps_for(config.total_steps)
-    # chunks end on every log line and evaluation: one compiled length for the whole run
-    chunk = max(1, math.gcd(config.log_every, config.eval_every or config.log_every) // n)
+    # chunks end on every log line, evaluation and checkpoint: one compiled length
+    chunk = max(
+        1,
+        math.gcd(config.log_every, config.eval_every or config.log_every,
+                 config.checkpoint_every or config.log_every) // n,
+    )  # fmt: skip
+    counts = {"episodes": [0] * len(seeds), "evaluations": 0, "checkpoints": 0}
+    if resume and (checkpoint_step is not None or checkpoint.list_checkpoints(run_dir)):
+        path, (state, counts), skipped = checkpoint.restore_newest(
+            run_dir, lambda p: _restore(p, state, len(seeds)), step=checkpoint_step
+        )
+        for damaged, reason in skipped:
+            moved = checkpoint.set_aside(damaged)
+            stream.write(f"warning: damaged checkpoint {damaged} set aside as {moved}: {reason}\n")
+        stream.write(f"resumed from {path}\n")
+    elif resume:
+        stream.write(f"{run_dir} has no checkpoint yet: starting the run from step 0\n")
+    done_steps = int(np.asarray(state.counters.agent_steps)[0]) // n
+    step = start_step = done_steps * n
+    if resume and done_steps >= total:  # nothing to do: leave the run as it is
+        stream.write(
+            f"{run_dir} is at agent step {step:,} of --total-steps {config.total_steps:,}: "
+            f"nothing to train (a larger --total-steps continues it)\n"
+        )
+        return SeedsResult("finished", step, seeds, None)
+    for name in ("metrics.csv", "eval.csv"):
+        dropped = reporting.truncate_csv(os.path.join(run_dir, name), step)
+        if dropped:
+            stream.write(f"warning: dropped {dropped} unreadable line(s) of {name}\n")
+    episodes, evaluations = counts["episodes"], counts["evaluations"]
+    recent = _recent_scores(os.path.join(run_dir, "metrics.csv"), seeds)
     tb = reporting._tensorboard(os.path.join(run_dir, "tb"))
-    recent = [[] for _ in seeds]
-    episodes = [0] * len(seeds)
-    evaluations = 0
-    done_steps = 0
     status = "finished"
     final = None
-    step = 0
     start = time.perf_counter()
+
+    saved_at = [start_step if resume else -1]
+
+    def save() -> str:
+        saved_at[0] = step
+        counts.update(episodes=episodes, evaluations=evaluations)
+        meta = {"num_seeds": len(seeds), **counts}
+        arrays = checkpoint.tree_to_arrays("run", state)
+        return checkpoint.save(run_dir, step, arrays, meta, keep=config.keep_checkpoints)
+
     with (
         _Csv(os.path.join(run_dir, "metrics.csv"), METRIC_FIELDS) as rows,
         _Csv(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS) as eval_rows,
@@ -72,6 +121,12 @@ def train_seeds(config: Config, run_dir: str, stream: TextIO, stops: Any = ()) -
         while done_steps < total:
             if stops:
                 status = "interrupted"
+                path = save()
+                name = stops.name() if hasattr(stops, "name") else "stopped"
+                stream.write(
+                    f"{name} at agent step {step:,}: checkpoint {path}; "
+                    f"continue with: python -m fdqn.train --resume {run_dir}\n"
+                )
                 break
             steps = min(chunk, total - done_steps)
             state, metrics = run.run(state, steps)
@@ -83,7 +138,7 @@ def train_seeds(config: Config, run_dir: str, stream: TextIO, stops: Any = ()) -
                 stream.write(f"the loss became non-finite by agent step {step:,}\n")
                 break
             _write_episodes(rows, metrics, seeds, episodes, recent, tb)
-            rate = len(seeds) * step / (time.perf_counter() - start)
+            rate = len(seeds) * (step - start_step) / (time.perf_counter() - start)
             means = [np.mean(r[-100:]) if r else math.nan for r in recent]
             stream.write(_progress(step, config.total_steps, rate, means, metrics, loss) + "\n")
             stream.flush()
@@ -93,6 +148,11 @@ def train_seeds(config: Config, run_dir: str, stream: TextIO, stops: Any = ()) -
                 final = _evaluate(
                     run, state, config, seeds, step, evaluations, eval_rows, tb, stream
                 )
+            if config.checkpoint_every and step // config.checkpoint_every > counts["checkpoints"]:
+                counts["checkpoints"] = step // config.checkpoint_every
+                save()
+        if status == "finished" and step != saved_at[0]:
+            save()
         if status != "finished":
             final = None
         elif final is None:  # the final policy, unless evaluated at this very step
@@ -174,11 +234,41 @@ def _evaluate(run, state, config, seeds, step, index, rows, tb, stream) -> list[
     return [float(m) for m in means]
 
 
+def _restore(path: str, template: Any, num_seeds: int) -> tuple[Any, dict]:
+    arrays, meta = checkpoint.load(path)
+    if checkpoint.require(meta, "num_seeds", int, path) != num_seeds:
+        raise checkpoint.CheckpointError(f"{path} holds {meta['num_seeds']} seeds, not {num_seeds}")
+    episodes = checkpoint.require(meta, "episodes", list, path)
+    if len(episodes) != num_seeds or not all(isinstance(e, int) and e >= 0 for e in episodes):
+        raise checkpoint.CheckpointError(f"{path}/meta.json: episodes must be {num_seeds} counts")
+    counts = {
+        "episodes": episodes,
+        "evaluations": checkpoint.require(meta, "evaluations", int, path),
+        "checkpoints": checkpoint.require(meta, "checkpoints", int, path),
+    }
+    state = checkpoint.arrays_to_tree("run", arrays, template)
+    if int(np.asarray(state.counters.agent_steps)[0]) != meta["step"]:
+        raise checkpoint.CheckpointError(f"{path}: its state is not at step {meta['step']}")
+    return state, counts
+
+
+def _recent_scores(path: str, seeds: list[int]) -> list[list[float]]:
+    """The last 100 scores of each seed in ``metrics.csv`` (for the progress line)."""
+    rows = reporting.read_csv(path)
+    if not rows:
+        return [[] for _ in seeds]
+    return [rows["score"][rows["seed"] == seed][-100:].tolist() for seed in seeds]
+
+
 class _Csv:
+    """Appends rows to a CSV file, writing its header when the file is new."""
+
     def __init__(self, path: str, fields: list[str]):
-        self._file = open(path, "w", newline="")
+        new = not os.path.exists(path) or os.path.getsize(path) == 0
+        self._file = open(path, "a", newline="")
         self._writer = csv.writer(self._file)
-        self._writer.writerow(fields)
+        if new:
+            self._writer.writerow(fields)
 
     def write(self, row: list) -> None:
         self._writer.writerow(row)

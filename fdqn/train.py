@@ -798,7 +798,7 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
                 f"or choose another --run-dir"
             )
     if config.num_seeds > 1:
-        return _run_seeds(config, run_dir, resume, stops)
+        return _run_seeds(config, run_dir, resume, checkpoint_step, stops)
     # built before anything is written, so that a replay memory larger than the RAM
     # fails here; mapping the memory takes seconds per GiB on some machines
     run = build(config, cpu_layers=cpu_tuning)
@@ -822,25 +822,21 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
     return 0
 
 
-def _run_seeds(config: Config, run_dir: str, resume: bool, stops: StopRequests) -> int:
+def _run_seeds(
+    config: Config, run_dir: str, resume: bool, checkpoint_step: int | None, stops: StopRequests
+) -> int:
     """``--num-seeds S``: the seeds in one compiled program (:mod:`fdqn.seed_runs`)."""
-    if resume:
-        raise ValueError(
-            f"{run_dir} trains {config.num_seeds} seeds at once: resuming such runs is not "
-            f"supported yet (they write no checkpoints)"
-        )
-    save_config(config, run_dir)
+    if not resume or _saved_config(run_dir) != config:
+        save_config(config, run_dir)
     stops.accepting = stops.started = True
-    result = seed_runs.train_seeds(config, run_dir, sys.stderr, stops)
+    result = seed_runs.train_seeds(config, run_dir, sys.stderr, stops, resume, checkpoint_step)
     stops.accepting = False
     if result.status == "interrupted":
-        print(
-            f"fdqn.train: {stops.name()} at agent step {result.agent_steps:,} of each seed; "
-            f"runs of --num-seeds keep no checkpoint yet",
-            file=sys.stderr,
-        )
         return 128 + stops.received[0]
     if result.status == "diverged":
+        last = checkpoint.latest_checkpoint(run_dir)
+        print(f"fdqn.train: error: the loss became NaN or infinite; stopped, last good "
+              f"checkpoint: {last or 'none'}", file=sys.stderr)  # fmt: skip
         return EXIT_NAN
     print(json.dumps(dataclasses.asdict(result)))
     return 0

@@ -225,8 +225,35 @@ def test_num_seeds_trains_them_in_one_program_from_the_command_line(tmp_path, ca
     np.testing.assert_allclose(evals["mean"][2:], summary["final_eval"])
     for name in ("model-seed4.keras", "model-seed5.keras", "learning_curve.png", "config.json"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
-    assert train.main(["--resume", run_dir, "--no-cpu-tuning"]) == 2
-    assert "resuming such runs is not supported yet" in capsys.readouterr().err
+    # a resume of a finished run trains nothing more and changes nothing
+    before = open(os.path.join(run_dir, "eval.csv")).read()
+    assert train.main(["--resume", run_dir, "--no-cpu-tuning"]) == 0
+    assert "is at agent step 400 of --total-steps 400: nothing to train" in capsys.readouterr().err
+    assert open(os.path.join(run_dir, "eval.csv")).read() == before
+
+
+def test_a_resumed_seeds_run_is_bit_identical_to_a_straight_one(tmp_path, capsys):
+    from fdqn import checkpoint, train
+
+    # an exponential epsilon schedule does not depend on --total-steps, which the resume raises
+    args = ["--preset", "cartpole", "--num-seeds", "2", "--hidden", "16,16",
+            "--buffer-size", "1000", "--learning-starts", "100", "--eval-every", "0",
+            "--log-every", "100", "--checkpoint-every", "100", "--epsilon-schedule",
+            "exponential", "--epsilon-decay", "200", "--no-cpu-tuning"]  # fmt: skip
+    straight, halves = str(tmp_path / "straight"), str(tmp_path / "halves")
+    assert train.main([*args, "--run-dir", straight, "--total-steps", "400"]) == 0
+    assert train.main([*args, "--run-dir", halves, "--total-steps", "200"]) == 0
+    code = train.main(["--resume", halves, "--total-steps", "400", "--no-cpu-tuning"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert f"resumed from {checkpoint.path_of(halves, 200)}" in err
+    a, _ = checkpoint.load(checkpoint.path_of(straight, 400))
+    b, _ = checkpoint.load(checkpoint.path_of(halves, 400))
+    assert a.keys() == b.keys() and len(a) > 20
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    rows = [open(os.path.join(d, "metrics.csv")).read() for d in (straight, halves)]
+    assert rows[0] == rows[1]
 
 
 def test_num_seeds_needs_a_jax_native_environment(tmp_path, capsys):
@@ -236,3 +263,34 @@ def test_num_seeds_needs_a_jax_native_environment(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--num-seeds: more than one seed runs on JAX-native" in err[0]
+
+
+def test_sigint_checkpoints_a_seeds_run_and_resume_continues_it(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from fdqn import checkpoint, seed_runs, train
+
+    real = seed_runs._write_episodes
+    calls = []
+
+    def write_then_interrupt(*args):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C after the second chunk
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(seed_runs, "_write_episodes", write_then_interrupt)
+    run_dir = str(tmp_path / "run")
+    args = ["--preset", "cartpole", "--num-seeds", "2", "--hidden", "16,16", "--eval-every", "0",
+            "--buffer-size", "1000", "--learning-starts", "100", "--log-every", "100",
+            "--total-steps", "600", "--no-cpu-tuning"]  # fmt: skip
+    assert train.main([*args, "--run-dir", run_dir]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == (
+        f"SIGINT at agent step 200: checkpoint {checkpoint.path_of(run_dir, 200)}; "
+        f"continue with: python -m fdqn.train --resume {run_dir}"
+    )
+    monkeypatch.setattr(seed_runs, "_write_episodes", real)
+    assert train.main(["--resume", run_dir, "--no-cpu-tuning"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["agent_steps"] == 600 and summary["status"] == "finished"
