@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from fdqn import jax_envs
-from fdqn.config import Config
+from fdqn.config import Config, epsilon_schedule, loss_options
 from fdqn.device_replay import TransitionRing, ring_add, ring_init, ring_sample, ring_size
-from fdqn.exploration import epsilon_greedy, exponential_epsilon, linear_epsilon
+from fdqn.exploration import epsilon_greedy
 from fdqn.learner import Batch, TrainState, make_optimizer, sync_target, update
 from fdqn.networks import mlp, pure_q_fn
 
@@ -76,13 +76,6 @@ class StepMetrics(NamedTuple):
     episode_length: jax.Array
     updates: jax.Array
     learner: dict[str, jax.Array]
-
-
-def _schedule(config: Config):
-    if config.epsilon_schedule == "linear":
-        duration = max(1, int(config.exploration_fraction * config.total_steps))
-        return linear_epsilon(config.epsilon_start, config.epsilon_end, duration)
-    return exponential_epsilon(config.epsilon_start, config.epsilon_end, config.epsilon_decay)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -146,7 +139,7 @@ class CompiledRun:
         config, n = self.config, self.env.num_envs
         key, act_key, env_key, learn_key = jax.random.split(state.key, 4)
         counters = state.counters
-        epsilon = _schedule(config)(counters.agent_steps)
+        epsilon = epsilon_schedule(config)(counters.agent_steps)
         learner = state.learner
         action = epsilon_greedy(act_key, learner.q_fn(learner.params, state.obs), epsilon)
         out = self.env.step(env_key, state.env_state, action)
@@ -204,13 +197,7 @@ class CompiledRun:
     def _learn(self, learner, replay, key, due, metrics):
         """``due`` updates, each on a fresh uniform batch (a loop of dynamic length)."""
         config = self.config
-        loss_kwargs = dict(
-            gamma=config.gamma,
-            double_q=config.double_q,
-            huber_delta=config.huber_delta or None,
-            reduction=config.loss_reduction,
-            mask_terminal=config.mask_terminal,
-        )
+        loss_kwargs = loss_options(config)
 
         def one_update(i, carry):
             learner, metrics = carry

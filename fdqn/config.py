@@ -23,6 +23,7 @@ import os
 from typing import Any
 
 from fdqn import envs, jax_envs, networks, rundir
+from fdqn.exploration import exponential_epsilon, linear_epsilon
 from fdqn.networks import DTYPE_POLICIES
 
 NETWORKS = ("nature", "notebook", "mlp")
@@ -256,6 +257,25 @@ def preset(name: str) -> Config:
     if name not in PRESETS:
         raise ConfigError("preset", f"must be one of {', '.join(PRESETS)}, got {name!r}")
     return Config(**PRESETS[name])
+
+
+def epsilon_schedule(config: Config):
+    """The exploration schedule a config describes, a function of the agent step."""
+    if config.epsilon_schedule == "linear":
+        duration = max(1, int(config.exploration_fraction * config.total_steps))
+        return linear_epsilon(config.epsilon_start, config.epsilon_end, duration)
+    return exponential_epsilon(config.epsilon_start, config.epsilon_end, config.epsilon_decay)
+
+
+def loss_options(config: Config) -> dict[str, Any]:
+    """The keyword arguments of :func:`fdqn.update` a config describes."""
+    return dict(
+        gamma=config.gamma,
+        double_q=config.double_q,
+        huber_delta=config.huber_delta or None,
+        reduction=config.loss_reduction,
+        mask_terminal=config.mask_terminal,
+    )
 
 
 def make_env(config: Config, num_envs: int | None = None, clip_rewards: bool = True):

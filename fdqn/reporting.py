@@ -281,8 +281,8 @@ def read_csv(path: str) -> dict[str, np.ndarray]:
     return {k: np.array([r.get(k, np.nan) for r in parsed]) for k in parsed[0] if k is not None}
 
 
-def plot_learning_curve(run_dir: str, title: str, smooth: int = 20) -> str | None:
-    """Writes ``learning_curve.png``: scores against agent steps; None without matplotlib."""
+def new_figure() -> tuple[Any, Any] | None:
+    """``(figure, axes)`` for a learning curve, or None without matplotlib."""
     try:
         import matplotlib
 
@@ -290,9 +290,34 @@ def plot_learning_curve(run_dir: str, title: str, smooth: int = 20) -> str | Non
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    return plt.subplots(figsize=(8, 4.5), dpi=100)
+
+
+def save_figure(fig: Any, ax: Any, run_dir: str, title: str, xlabel: str, legend: bool) -> str:
+    """Labels a learning curve and writes it to ``RUN_DIR/learning_curve.png`` atomically."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("score (unclipped, whole game)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(loc="upper left")
+    path = os.path.join(run_dir, "learning_curve.png")
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curve(run_dir: str, title: str, smooth: int = 20) -> str | None:
+    """Writes ``learning_curve.png``: scores against agent steps; None without matplotlib."""
+    figure = new_figure()
+    if figure is None:
+        return None
+    fig, ax = figure
     episodes = read_csv(os.path.join(run_dir, "metrics.csv"))
     evals = read_csv(os.path.join(run_dir, "eval.csv"))
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     if episodes:
         steps, scores = episodes["step"], episodes["score"]
         ax.plot(steps, scores, ".", color="0.75", markersize=3, label="game score")
@@ -303,17 +328,7 @@ def plot_learning_curve(run_dir: str, title: str, smooth: int = 20) -> str | Non
     if evals:
         ax.errorbar(evals["step"], evals["mean"], yerr=evals["std"], fmt="o-", color="C3",
                     label="evaluation (mean, std)")  # fmt: skip
-    ax.set_xlabel("agent steps")
-    ax.set_ylabel("score (unclipped, whole game)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if episodes or evals:
-        ax.legend(loc="upper left")
-    else:  # a run stopped before its first game ended: an empty plot that says so
+    if not (episodes or evals):  # a run stopped before its first game ended: say so
         ax.text(0.5, 0.5, "no finished games or evaluations yet", ha="center",
                 transform=ax.transAxes)  # fmt: skip
-    path = os.path.join(run_dir, "learning_curve.png")
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
-    plt.close(fig)
-    return path
+    return save_figure(fig, ax, run_dir, title, "agent steps", legend=bool(episodes or evals))

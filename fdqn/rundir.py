@@ -60,21 +60,12 @@ def atomic_write(path: str, write: Callable[[IO], None], binary: bool = False) -
     anything fails (a full disk included) the temporary file is removed and
     ``path`` keeps what it held.
     """
-    folder, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.tmp-")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        _name_path(e, path)
-        raise
-    fsync_dir(folder)
-    return path
+
+    return atomic_write_path(path, fill)
 
 
 def _name_path(e: BaseException, path: str) -> None:
@@ -84,7 +75,7 @@ def _name_path(e: BaseException, path: str) -> None:
 
 
 def atomic_write_path(path: str, write: Callable[[str], None]) -> str:
-    """As :func:`atomic_write` for writers that take a file name (``write(tmp_path)``).
+    """As :func:`atomic_write`, for writers that take a file name (``write(tmp_path)``).
 
     The temporary name keeps ``path``'s extension, for writers that check it.
     """
@@ -199,16 +190,3 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (on this machine)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True

@@ -282,16 +282,12 @@ class _Csv:
 
 def plot_seeds(run_dir: str, title: str, smooth: int = 20) -> str | None:
     """``learning_curve.png``: each seed's smoothed scores, their mean, and evaluations."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    figure = reporting.new_figure()
+    if figure is None:
         return None
+    fig, ax = figure
     episodes = reporting.read_csv(os.path.join(run_dir, "metrics.csv"))
     evals = reporting.read_csv(os.path.join(run_dir, "eval.csv"))
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     grid = None
     curves = []
     if episodes:
@@ -317,14 +313,6 @@ def plot_seeds(run_dir: str, title: str, smooth: int = 20) -> str | None:
         steps = np.unique(evals["step"])
         means = [evals["mean"][evals["step"] == s].mean() for s in steps]
         ax.plot(steps, means, "o-", color="C3", label="evaluation, mean over seeds")
-    ax.set_xlabel("agent steps (per seed)")
-    ax.set_ylabel("score (unclipped, whole game)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    if curves or evals:
-        ax.legend(loc="upper left")
-    path = os.path.join(run_dir, "learning_curve.png")
-    fig.tight_layout()
-    rundir.atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
-    plt.close(fig)
-    return path
+    return reporting.save_figure(
+        fig, ax, run_dir, title, "agent steps (per seed)", legend=bool(curves or evals)
+    )

@@ -62,21 +62,21 @@ from fdqn.config import (
     CONFIG_FILE,
     PRESETS,
     Config,
+    epsilon_schedule,
     load_config,
+    loss_options,
     make_env,
     make_network,
     preset,
     save_config,
 )
 from fdqn.evaluate import evaluate
-from fdqn.exploration import exponential_epsilon, linear_epsilon
 from fdqn.learner import TrainState, create_train_state, make_optimizer, sync_target, update
 from fdqn.replay import ReplayMemory
 from fdqn.rollout import Rollout
 
 EXIT_USAGE = 2
 EXIT_NAN = 3
-EXIT_INTERRUPTED = 130  # SIGINT; SIGTERM gives 143
 MODEL_FILE = "model.keras"
 
 
@@ -146,13 +146,6 @@ class StopRequests:
 
 
 # -- building a run -------------------------------------------------------------
-
-
-def epsilon_schedule(config: Config):
-    if config.epsilon_schedule == "linear":
-        duration = max(1, int(config.exploration_fraction * config.total_steps))
-        return linear_epsilon(config.epsilon_start, config.epsilon_end, duration)
-    return exponential_epsilon(config.epsilon_start, config.epsilon_end, config.epsilon_decay)
 
 
 @dataclasses.dataclass
@@ -471,13 +464,7 @@ def run_until(run: Run, run_dir: str, reporter, schedule, limit: int, stops: Any
     signal. Calling it again with a larger ``limit`` continues the same run.
     """
     config, counters, rollout, memory = run.config, run.counters, run.rollout, run.memory
-    loss_kwargs = dict(
-        gamma=config.gamma,
-        double_q=config.double_q,
-        huber_delta=config.huber_delta or None,
-        reduction=config.loss_reduction,
-        mask_terminal=config.mask_terminal,
-    )
+    loss_kwargs = loss_options(config)
     metrics = run.metrics
     while rollout.agent_steps < limit and not (
         config.total_episodes and counters.episodes >= config.total_episodes
