@@ -114,6 +114,26 @@ def assert_close(actual, desired, rtol=2e-4):
     np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale(desired))
 
 
+def assert_gradients_close(grads, tf_grads, output_rtol=1e-4):
+    """The output layer entry by entry, the layers below it as whole tensors.
+
+    The output layer's gradient is the TD error times the last hidden activations: float32
+    rounding moves it by about 1e-6. Below a ReLU, a unit whose pre-activation lies within
+    rounding of 0 may be on one side in XLA and on the other in TF; its backward signal is
+    then passed on one side only, and every layer below it differs by that one unit's share.
+    Perturbing the weights by 1e-6 (relative) flips such a unit in about 2 draws of 5 and
+    moves the layers below by up to 1.5e-3 of their norm on one CPU, 7.6e-3 on another; a
+    wrong derivative differs by order 1. Clipping by the global norm carries that difference
+    into the output layer as well, through the norm: ``output_rtol`` widens for it."""
+    assert len(grads) == len(tf_grads)
+    *hidden, out_kernel, out_bias = [(np.asarray(g), np.asarray(t)) for g, t in zip(grads, tf_grads)]
+    for g, tf_g in (out_kernel, out_bias):
+        assert np.linalg.norm(g - tf_g) <= output_rtol * np.linalg.norm(tf_g)
+        assert_close(g, tf_g, rtol=output_rtol)
+    for g, tf_g in hidden:
+        assert np.linalg.norm(g - tf_g) <= 3e-2 * np.linalg.norm(tf_g)
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", CONFIGS)
 def test_q_values_td_errors_loss_and_gradients_agree(name, mode, variant):
@@ -132,13 +152,7 @@ def test_q_values_td_errors_loss_and_gradients_agree(name, mode, variant):
 
     loss_value, grads = variant(jax.value_and_grad(loss))(state.params)
     assert_close(loss_value, tf_loss)
-    assert len(grads) == len(tf_grads)
-    for g, tf_g in zip(grads, tf_grads):
-        # each tensor as a whole agrees closely; single entries less so, where a
-        # pre-activation within float32 rounding of 0 falls on the other side of a ReLU
-        g, tf_g = np.asarray(g), np.asarray(tf_g)
-        assert np.linalg.norm(g - tf_g) <= 1e-3 * np.linalg.norm(tf_g)
-        assert_close(g, tf_g, rtol=5e-3)
+    assert_gradients_close(grads, tf_grads)
 
     # TD errors: fdqn's are target - prediction, the notebook's prediction - target
     q_t = state.q_fn(state.target_params, batch.next_obs)
@@ -173,8 +187,7 @@ def test_clipped_gradients_agree(name):
 
         clip = optax.clip_by_global_norm(config["max_grad_norm"])
     clipped, _ = clip.update(grads, clip.init(grads))
-    for g, tf_g in zip(clipped, tf_clipped):
-        assert_close(g, tf_g, rtol=1e-3)
+    assert_gradients_close(clipped, tf_clipped, 1e-4 if config["clip"] == "per_tensor" else 1e-2)
     # the faithful summed loss has large gradients: clipping is active, so the test means something
     norms = [float(np.linalg.norm(g)) for g in grads]
     assert max(norms) > config["max_grad_norm"]
