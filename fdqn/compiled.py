@@ -31,10 +31,11 @@ import jax.numpy as jnp
 
 from fdqn import jax_envs
 from fdqn.config import Config, epsilon_schedule, loss_options
-from fdqn.device_replay import TransitionRing, ring_add, ring_init, ring_sample, ring_size
+from fdqn import device_replay as dr
+from fdqn import networks
 from fdqn.exploration import epsilon_greedy
 from fdqn.learner import Batch, TrainState, make_optimizer, sync_target, update
-from fdqn.networks import mlp, pure_q_fn
+from fdqn.networks import pure_q_fn
 
 _LEARNER_METRICS = ("loss", "q_taken", "td_abs", "grad_norm")
 
@@ -52,7 +53,7 @@ class RunState(NamedTuple):
     """Everything a compiled run carries from one step to the next (a pytree)."""
 
     learner: TrainState
-    replay: TransitionRing
+    replay: dr.TransitionRing | dr.FrameRing
     env_state: Any
     obs: jax.Array  # (num_envs, *obs_shape): what the agent acts on next
     episode_return: jax.Array  # (num_envs,) of the episodes under way
@@ -86,7 +87,7 @@ class CompiledRun:
     """
 
     config: Config
-    env: jax_envs.JaxVecEnv
+    env: jax_envs.JaxVecEnv | jax_envs.AtariXlaEnv
     model: Any  # the Keras network whose weights the seeds start from
     q_fn: Any
     optimizer: Any
@@ -103,6 +104,11 @@ class CompiledRun:
         if isinstance(seeds, (list, tuple)):
             if not seeds:
                 raise ValueError("seeds must not be empty")
+            if isinstance(self.env, jax_envs.AtariXlaEnv):
+                raise ValueError(
+                    "several seeds in one program run on gymnax environments; "
+                    f"{self.env.env_id} is Atari: one seed per run"
+                )
             states = [self.init(int(s)) for s in seeds]
             return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
         if not isinstance(seeds, int) or isinstance(seeds, bool) or not 0 <= seeds < 2**31:
@@ -122,7 +128,7 @@ class CompiledRun:
         n = self.env.num_envs
         return RunState(
             learner=learner,
-            replay=ring_init(self.config.buffer_size, n, self.env.obs_shape),
+            replay=self._replay_start(obs),
             env_state=env_state,
             obs=obs,
             episode_return=jnp.zeros(n, jnp.float32),
@@ -143,11 +149,9 @@ class CompiledRun:
         learner = state.learner
         action = epsilon_greedy(act_key, learner.q_fn(learner.params, state.obs), epsilon)
         out = self.env.step(env_key, state.env_state, action)
-        replay = ring_add(
-            state.replay, Batch(state.obs, action, out.reward, out.final_obs, out.terminated)
-        )
+        replay = self._replay_add(state.replay, state.obs, action, out)
         step = counters.agent_steps + n
-        learning = (step >= config.learning_starts) & (ring_size(replay) >= config.batch_size)
+        learning = (step >= config.learning_starts) & (self._replay_size(replay) >= config.batch_size)
         due = jnp.where(
             learning,
             jnp.maximum(
@@ -159,9 +163,9 @@ class CompiledRun:
             learner, replay, learn_key, due, state.learner_metrics
         )
 
-        done = out.terminated | out.truncated
-        episode_return = state.episode_return + out.reward
-        episode_length = state.episode_length + 1
+        done = out.done
+        episode_return = state.episode_return + out.score
+        episode_length = state.episode_length + out.valid.astype(jnp.int32)
         episodes = counters.episodes + jnp.sum(done, dtype=jnp.int32)
         if config.target_update_unit == "steps":
             sync = learning & (step // config.target_update > counters.target_syncs)
@@ -201,11 +205,36 @@ class CompiledRun:
 
         def one_update(i, carry):
             learner, metrics = carry
-            batch = ring_sample(replay, jax.random.fold_in(key, i), config.batch_size)
+            batch = self._replay_sample(replay, jax.random.fold_in(key, i))
             learner, new = update(learner, batch, **loss_kwargs)
             return learner, {k: new[k].astype(jnp.float32) for k in _LEARNER_METRICS}
 
         return jax.lax.fori_loop(0, due, one_update, (learner, metrics))
+
+    # -- the replay: whole transitions, or one frame per step for frame stacks ---
+
+    def _replay_start(self, obs):
+        n, capacity = self.env.num_envs, self.config.buffer_size
+        if not self.env.frame_stack:
+            return dr.ring_init(capacity, n, self.env.obs_shape)
+        ring = dr.frame_ring_init(capacity, n, self.env.obs_shape)
+        zeros = jnp.zeros(n, jnp.int32)
+        return dr.frame_ring_add(ring, obs, zeros, zeros, zeros.astype(bool), ~zeros.astype(bool))
+
+    def _replay_add(self, replay, obs, action, out):
+        if not self.env.frame_stack:
+            return dr.ring_add(replay, Batch(obs, action, out.reward, out.final_obs, out.terminated))
+        return dr.frame_ring_add(replay, out.obs, action, out.reward, out.terminated, ~out.valid)
+
+    def _replay_size(self, replay):
+        if not self.env.frame_stack:
+            return dr.ring_size(replay)
+        return dr.frame_ring_size(replay, self.env.frame_stack)
+
+    def _replay_sample(self, replay, key):
+        if not self.env.frame_stack:
+            return dr.ring_sample(replay, key, self.config.batch_size)
+        return dr.frame_ring_sample(replay, key, self.config.batch_size, self.env.frame_stack)
 
     # -- many steps ---------------------------------------------------------------
 
@@ -252,8 +281,8 @@ def _compiled(run: CompiledRun, num_steps: int, batched: bool):
 
 @functools.lru_cache(maxsize=32)
 def _evaluator(run: CompiledRun, episodes: int, epsilon: float, batched: bool):
-    env = dataclasses.replace(run.env, num_envs=episodes)
-    limit = int(getattr(env.params, "max_steps_in_episode", 100_000)) + 1
+    env = run.env.resized(episodes)
+    limit = env.max_episode_steps + 1  # + 1: a next-step autoreset takes a step more
 
     def play(params, key):
         key, reset_key = jax.random.split(key)
@@ -270,8 +299,8 @@ def _evaluator(run: CompiledRun, episodes: int, epsilon: float, batched: bool):
             key, act_key, env_key = jax.random.split(key, 3)
             action = epsilon_greedy(act_key, run.q_fn(params, obs), epsilon)
             out = env.step(env_key, env_state, action)
-            returns = returns + jnp.where(ended, 0.0, out.reward)
-            ended = ended | out.terminated | out.truncated
+            returns = returns + jnp.where(ended, 0.0, out.score)
+            ended = ended | out.done
             return t + 1, key, out.obs, out.state, returns, ended
 
         carry = (jnp.zeros((), jnp.int32), key, obs, env_state, zeros, ended)
@@ -280,29 +309,53 @@ def _evaluator(run: CompiledRun, episodes: int, epsilon: float, batched: bool):
     return jax.jit(jax.vmap(play) if batched else play)
 
 
-def _network(config: Config, env: jax_envs.JaxVecEnv, seed: int | None):
+def _network(config: Config, env, seed: int | None):
+    kwargs = dict(dtype_policy=config.dtype_policy, seed=seed)
+    if env.frame_stack:
+        if config.network == "mlp":
+            raise ValueError(f"--network: {config.env} gives images: use nature or notebook")
+        build = networks.nature_cnn if config.network == "nature" else networks.notebook_cnn
+        return build(env.num_actions, env.obs_shape, **kwargs)
     if config.network != "mlp":
         raise ValueError(f"--network: {config.env} gives vectors: use mlp")
-    return mlp(
-        env.num_actions,
-        int(env.obs_shape[0]),
-        config.hidden,
-        dtype_policy=config.dtype_policy,
-        seed=seed,
+    return networks.mlp(env.num_actions, int(env.obs_shape[0]), config.hidden, **kwargs)
+
+
+def make_env(config: Config):
+    """The environment of a compiled run of ``config``: gymnax, or Atari through ale-py's XLA calls.
+
+    Raises:
+      ValueError: ``config.env`` is neither.
+      fdqn.jax_envs.GymnaxMissing: a gymnax id, and gymnax is not installed.
+    """
+    if jax_envs.is_jax_env(config.env):
+        return jax_envs.make(config.env, config.num_envs)
+    from fdqn import envs
+
+    if envs.is_atari(config.env):
+        return jax_envs.make_atari(
+            config.env,
+            config.num_envs,
+            repeat_action_probability=None if config.sticky_actions < 0 else config.sticky_actions,
+            terminal_on_life_loss=config.terminal_on_life_loss,
+        )
+    raise ValueError(
+        f"--env: compiled runs take gymnax ids ({', '.join(jax_envs.GYMNAX_IDS)}) "
+        f"or Atari games; got {config.env!r}"
     )
 
 
 def make_run(config: Config, env: jax_envs.JaxVecEnv | None = None) -> CompiledRun:
     """The compiled run of a validated ``config`` on a JAX-native environment.
 
-    ``env`` defaults to ``jax_envs.make(config.env, config.num_envs)``.
+    ``env`` defaults to :func:`make_env` of the config.
 
     Raises:
       ValueError: the config asks for something the compiled run does not do.
       fdqn.jax_envs.GymnaxMissing: gymnax is not installed.
     """
     config = config.validate()
-    env = env if env is not None else jax_envs.make(config.env, config.num_envs)
+    env = env if env is not None else make_env(config)
     model = _network(config, env, seed=config.seed)
     q_fn, _ = pure_q_fn(model)
     optimizer = make_optimizer(

@@ -1,4 +1,13 @@
-"""JAX-native environments (gymnax), batched, for runs compiled whole inside ``lax.scan``.
+"""Environments stepped inside compiled code, batched, for runs compiled whole inside ``lax.scan``.
+
+Two kinds share one interface (``reset(key) -> (obs, state)``,
+``step(key, state, action) -> EnvStep``, ``num_envs``, ``obs_shape``,
+``num_actions``, ``frame_stack``):
+
+- :class:`JaxVecEnv`: JAX-native environments through gymnax, whose state is
+  a pytree of arrays;
+- :class:`AtariXlaEnv`: Atari through ale-py's ``AtariVectorEnv.xla()``, the
+  emulators on the host behind an XLA custom call; the state is its handle.
 
 gymnax is an optional dependency (``pip install -e ".[gymnax]"``): it is
 imported when an environment is made, and fdqn's other environments need
@@ -7,7 +16,7 @@ environment as one batch with ``jax.vmap``; its functions are pure and take
 the environment state as an argument, so the state travels in the scan's
 carry and a resumed run continues it exactly.
 
-gymnax resets an ended episode in the same step: the step returns the first
+**gymnax.** gymnax resets an ended episode in the same step: the step returns the first
 observation of the new episode, with the last one of the ended episode in
 ``final_obs``. ``terminated`` (the episode reached a terminal state: no
 bootstrap) and ``truncated`` (it hit the time limit) are told apart, as
@@ -47,17 +56,28 @@ class EnvStep(NamedTuple):
         first of a new episode where one ended).
       final_obs: ``(num_envs, *obs_shape)`` the observations the actions led
         to (before any reset): the ``next_obs`` of the transitions.
-      reward: ``(num_envs,)`` float32.
-      terminated: ``(num_envs,)`` bool, a terminal state was reached.
+      reward: ``(num_envs,)`` float32, the reward learning sees (clipped to
+        its sign on Atari).
+      score: ``(num_envs,)`` float32, the game's own reward, summed into the
+        reported episode returns.
+      terminated: ``(num_envs,)`` bool, the transition is terminal for
+        learning (a terminal state, or on Atari a lost life if so asked).
       truncated: ``(num_envs,)`` bool, the time limit was reached.
+      done: ``(num_envs,)`` bool, the episode (the whole game) ended here.
+      valid: ``(num_envs,)`` bool, the step is a transition; False where it
+        only reset an environment whose episode ended on the step before
+        (next-step autoreset), so its action was ignored.
       state: the environments' new state.
     """
 
     obs: jax.Array
     final_obs: jax.Array
     reward: jax.Array
+    score: jax.Array
     terminated: jax.Array
     truncated: jax.Array
+    done: jax.Array
+    valid: jax.Array
     state: Any
 
 
@@ -74,6 +94,7 @@ class JaxVecEnv:
     params: Any = dataclasses.field(compare=False, repr=False)
     obs_shape: tuple[int, ...]
     num_actions: int
+    frame_stack = 0  # vector observations: whole transitions in the replay
 
     def reset(self, key: jax.Array) -> tuple[jax.Array, Any]:
         """First observations ``(num_envs, *obs_shape)`` and states of new episodes."""
@@ -87,14 +108,27 @@ class JaxVecEnv:
         obs, state, reward, terminated, truncated, info = jax.vmap(
             self.env.step, in_axes=(0, 0, 0, None)
         )(keys, state, action, self.params)
+        terminated = terminated.astype(bool)
+        reward = reward.astype(jnp.float32)
         return EnvStep(
             obs=obs.astype(jnp.float32),
             final_obs=info["final_observation"].astype(jnp.float32),
-            reward=reward.astype(jnp.float32),
-            terminated=terminated.astype(bool),
+            reward=reward,
+            score=reward,
+            terminated=terminated,
             truncated=jnp.logical_and(truncated, jnp.logical_not(terminated)),
+            done=terminated | truncated.astype(bool),
+            valid=jnp.ones_like(terminated),
             state=state,
         )
+
+    def resized(self, num_envs: int) -> "JaxVecEnv":
+        """The same environment, ``num_envs`` of them (for evaluation)."""
+        return dataclasses.replace(self, num_envs=num_envs)
+
+    @property
+    def max_episode_steps(self) -> int:
+        return int(getattr(self.params, "max_steps_in_episode", 100_000))
 
 
 def is_jax_env(env_id: str) -> bool:
@@ -122,4 +156,165 @@ def make(env_id: str, num_envs: int) -> JaxVecEnv:
         params=params,
         obs_shape=obs_shape,
         num_actions=int(env.action_space(params).n),
+    )
+
+
+class AtariXlaState(NamedTuple):
+    """The state of an :class:`AtariXlaEnv` in the carry.
+
+    Attributes:
+      handle: ale-py's handle of its vector of emulators (uint8 bytes); the
+        emulators themselves live on the host, so a state is only good for
+        the environment object that made it, and the latest one.
+      lives: ``(num_envs,)`` int32 lives after the last step.
+      ended: ``(num_envs,)`` bool, the game ended on the last step: this
+        step resets it.
+    """
+
+    handle: jax.Array
+    lives: jax.Array
+    ended: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class AtariXlaEnv:
+    """``num_envs`` Atari games through ale-py's XLA custom calls, stepped in compiled code.
+
+    The preprocessing of :func:`fdqn.envs.make` (no-ops and FIRE on reset,
+    frame skip with max-pooling, 84x84 grayscale, a stack of frames zero-
+    padded at an episode's start), run by ale-py's ``AtariVectorEnv`` on its
+    threads. Its autoreset is next-step: the step after a game ends only
+    resets it (``valid`` False, the action ignored). A lost life is terminal
+    for learning when ``terminal_on_life_loss``; the reported scores are the
+    games' own, over all lives. Hashed by identity (a static argument of
+    ``jit``). Made by :func:`make_atari`.
+    """
+
+    env_id: str
+    num_envs: int
+    obs_shape: tuple[int, ...]
+    num_actions: int
+    frame_stack: int
+    clip_rewards: bool
+    terminal_on_life_loss: bool
+    max_episode_steps: int
+    options: dict = dataclasses.field(repr=False)  # make_atari's keywords, for resized()
+    vector_env: Any = dataclasses.field(repr=False)
+    handle: Any = dataclasses.field(repr=False)
+    xla_reset: Any = dataclasses.field(repr=False)
+    xla_step: Any = dataclasses.field(repr=False)
+
+    def reset(self, key: jax.Array) -> tuple[jax.Array, AtariXlaState]:
+        """Starts every game anew (seeds drawn from ``key``); uint8 stacks and the state."""
+        seeds = jax.random.randint(key, (self.num_envs,), 0, 2**31 - 1, dtype=jnp.int32)
+        handle, (obs, info) = self.xla_reset(self.handle, seed=seeds)
+        lives = info["lives"].astype(jnp.int32)
+        return obs, AtariXlaState(handle, lives, jnp.zeros(self.num_envs, bool))
+
+    def step(self, key: jax.Array, state: AtariXlaState, action: jax.Array) -> EnvStep:
+        """One agent step of every game (``key`` unused: the emulators keep their own)."""
+        del key
+        handle, (obs, reward, terminated, truncated, info) = self.xla_step(
+            state.handle, action.astype(jnp.int32)
+        )
+        valid = ~state.ended
+        lives = info["lives"].astype(jnp.int32)
+        terminated = terminated.astype(bool) & valid
+        truncated = truncated.astype(bool) & valid & ~terminated
+        score = jnp.where(valid, reward.astype(jnp.float32), 0.0)
+        learn_terminal = terminated
+        if self.terminal_on_life_loss:
+            learn_terminal = terminated | (valid & (lives < state.lives))
+        done = terminated | truncated
+        return EnvStep(
+            obs=obs,
+            final_obs=obs,
+            reward=jnp.sign(score) if self.clip_rewards else score,
+            score=score,
+            terminated=learn_terminal,
+            truncated=truncated,
+            done=done,
+            valid=valid,
+            state=AtariXlaState(handle, lives, done),
+        )
+
+    def resized(self, num_envs: int) -> "AtariXlaEnv":
+        """Another set of ``num_envs`` such games (for evaluation), with emulators of its own."""
+        return make_atari(self.env_id, num_envs, **self.options)
+
+
+def make_atari(
+    env_id: str,
+    num_envs: int,
+    *,
+    repeat_action_probability: float | None = None,
+    terminal_on_life_loss: bool = True,
+    clip_rewards: bool = True,
+    noop_max: int = 30,
+    frameskip: int = 4,
+    stack: int = 4,
+    max_episode_frames: int = 108_000,
+    num_threads: int = 0,
+) -> AtariXlaEnv:
+    """``num_envs`` games of the Atari id ``env_id`` for compiled runs.
+
+    The arguments mean what they mean for :func:`fdqn.envs.make`; sticky
+    actions default to the id's.
+
+    Raises:
+      ValueError: not an Atari id, or a bad value.
+    """
+    from fdqn import envs  # ale-py is imported here, on first use
+
+    spec = envs.parse_atari_id(env_id)
+    if spec is None:
+        raise ValueError(f"{env_id!r} is not an Atari game id (see fdqn.envs.list_env_ids())")
+    if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+        raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+    sticky = spec.repeat_action_probability
+    if repeat_action_probability is not None:
+        sticky = repeat_action_probability
+    if not 0.0 <= sticky <= 1.0:
+        raise ValueError(f"repeat_action_probability must be in [0, 1], got {sticky}")
+    options = dict(
+        repeat_action_probability=repeat_action_probability,
+        terminal_on_life_loss=terminal_on_life_loss,
+        clip_rewards=clip_rewards,
+        noop_max=noop_max,
+        frameskip=frameskip,
+        stack=stack,
+        max_episode_frames=max_episode_frames,
+        num_threads=num_threads,
+    )
+    from ale_py.vector_env import AtariVectorEnv
+
+    vector_env = AtariVectorEnv(
+        spec.game,
+        num_envs,
+        num_threads=num_threads,
+        repeat_action_probability=sticky,
+        noop_max=noop_max,
+        frameskip=frameskip,
+        stack_num=stack,
+        max_num_frames_per_episode=max_episode_frames,
+        episodic_life=False,
+        life_loss_info=False,
+        reward_clipping=False,
+        use_fire_reset=True,
+    )
+    handle, xla_reset, xla_step = vector_env.xla()
+    return AtariXlaEnv(
+        env_id=env_id,
+        num_envs=num_envs,
+        obs_shape=tuple(int(d) for d in vector_env.single_observation_space.shape),
+        num_actions=int(vector_env.single_action_space.n),
+        frame_stack=stack,
+        clip_rewards=clip_rewards,
+        terminal_on_life_loss=terminal_on_life_loss,
+        max_episode_steps=-(-max_episode_frames // frameskip),
+        options=options,
+        vector_env=vector_env,
+        handle=handle,
+        xla_reset=xla_reset,
+        xla_step=xla_step,
     )

@@ -345,3 +345,79 @@ def test_bad_add_columns():
 def test_bad_construction(args, message):
     with pytest.raises(ValueError, match=message):
         ReplayMemory(*args)
+
+
+# -- the same stream into the on-device frame ring of compiled runs ----------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    num_envs=st.integers(1, 4),
+    extra_capacity=st.integers(0, 40),
+    lengths=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=4), min_size=4, max_size=4),
+    stack=st.sampled_from([2, 4]),
+    steps=st.integers(1, 90),
+    seed=st.integers(0, 1000),
+)
+def test_device_frame_ring_samples_are_transitions_the_reference_holds(
+    num_envs, extra_capacity, lengths, stack, steps, seed
+):
+    import jax
+
+    from fdqn import device_replay as dr
+
+    capacity = num_envs + extra_capacity
+    env = FakeVectorEnv(num_envs, lengths, stack, seed)
+    reference = [collections.deque(maxlen=capacity // num_envs) for _ in range(num_envs)]
+    rng = np.random.default_rng(seed + 1)
+    add = jax.jit(dr.frame_ring_add)
+    obs = env.reset()
+    ring = dr.frame_ring_init(capacity, num_envs, (stack, FRAME))
+    zeros = np.zeros(num_envs, np.int32)
+    ring = add(ring, obs, zeros, zeros, zeros.astype(bool), ~zeros.astype(bool))
+    for _ in range(steps):
+        actions = rng.integers(0, 4, num_envs)
+        next_obs, reward, _, _, learn_terminal, autoreset = env.step(actions)
+        ring = add(ring, next_obs, actions, reward, learn_terminal, autoreset)
+        for e in range(num_envs):
+            entry = None
+            if not autoreset[e]:
+                entry = key(obs[e], actions[e], reward[e], next_obs[e], learn_terminal[e])
+            reference[e].append(entry)
+        obs = next_obs
+    held = collections.Counter(k for ring_ in reference for k in ring_ if k is not None)
+    # the ring's size counts the steps it holds, resets included, as the reference's rings
+    assert int(dr.frame_ring_size(ring, stack)) == sum(len(r) for r in reference)
+    if not held:  # every step held is a reset: nothing to sample
+        return
+    batch = jax.jit(dr.frame_ring_sample, static_argnums=(2, 3))(
+        ring, jax.random.key(seed), 4 * sum(held.values()) + 16, stack
+    )
+    seen = set()
+    for i in range(len(batch.action)):
+        k = key(batch.obs[i], batch.action[i], batch.reward[i], batch.next_obs[i],
+                batch.terminated[i])  # fmt: skip
+        assert k in held, f"sampled transition {i} is not one the reference holds"
+        seen.add(k)
+    if len(held) <= 8:
+        assert seen == set(held)
+
+
+def test_device_frame_ring_draws_transitions_uniformly():
+    import jax
+
+    from fdqn import device_replay as dr
+
+    # one env, episodes of 3 steps: every 4th step is a reset and holds nothing
+    env = FakeVectorEnv(1, [[3]], 2, 0)
+    ring = dr.frame_ring_init(12, 1, (2, FRAME))
+    ring = dr.frame_ring_add(ring, env.reset(), [0], [0], [False], [True])
+    for t in range(12):
+        next_obs, reward, _, _, terminal, autoreset = env.step(np.array([t % 4]))
+        ring = dr.frame_ring_add(ring, next_obs, [t % 4], reward, terminal, autoreset)
+    batch = dr.frame_ring_sample(ring, jax.random.key(0), 9_000, 2)
+    # 12 steps held, 9 of them transitions: each drawn 1/9 of the time (1,000 +- 3 sigma)
+    frames = np.asarray(batch.next_obs[:, -1, 0])
+    counts = collections.Counter(frames.tolist())
+    assert len(counts) == 9
+    assert all(abs(c - 1000) < 3 * np.sqrt(9000 * (1 / 9) * (8 / 9)) for c in counts.values())
