@@ -104,10 +104,11 @@ class CompiledRun:
         if isinstance(seeds, (list, tuple)):
             if not seeds:
                 raise ValueError("seeds must not be empty")
-            if isinstance(self.env, jax_envs.AtariXlaEnv):
+            if not isinstance(self.env, jax_envs.JaxVecEnv):
+                kind = "Atari" if self.env.frame_stack else "a host gymnasium env"
                 raise ValueError(
                     "several seeds in one program run on gymnax environments; "
-                    f"{self.env.env_id} is Atari: one seed per run"
+                    f"{self.env.env_id} is {kind}: one seed per run"
                 )
             states = [self.init(int(s)) for s in seeds]
             return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
@@ -322,10 +323,13 @@ def _network(config: Config, env, seed: int | None):
 
 
 def make_env(config: Config):
-    """The environment of a compiled run of ``config``: gymnax, or Atari through ale-py's XLA calls.
+    """The environment of a compiled run of ``config``.
+
+    gymnax for its ids, Atari through ale-py's XLA calls, any other
+    gymnasium id through host callbacks.
 
     Raises:
-      ValueError: ``config.env`` is neither.
+      ValueError: an id neither gymnax, Atari nor gymnasium knows.
       fdqn.jax_envs.GymnaxMissing: a gymnax id, and gymnax is not installed.
     """
     if jax_envs.is_jax_env(config.env):
@@ -339,16 +343,15 @@ def make_env(config: Config):
             repeat_action_probability=None if config.sticky_actions < 0 else config.sticky_actions,
             terminal_on_life_loss=config.terminal_on_life_loss,
         )
-    raise ValueError(
-        f"--env: compiled runs take gymnax ids ({', '.join(jax_envs.GYMNAX_IDS)}) "
-        f"or Atari games; got {config.env!r}"
-    )
+    return jax_envs.make_callback(config.env, config.num_envs)
 
 
-def make_run(config: Config, env: jax_envs.JaxVecEnv | None = None) -> CompiledRun:
+def make_run(config: Config, env=None, cpu_layers: bool = False) -> CompiledRun:
     """The compiled run of a validated ``config`` on a JAX-native environment.
 
-    ``env`` defaults to :func:`make_env` of the config.
+    ``env`` defaults to :func:`make_env` of the config. ``cpu_layers``
+    computes the network through :func:`fdqn.cpu.space_to_depth_model` (the
+    same parameters), as :func:`fdqn.train.build` does.
 
     Raises:
       ValueError: the config asks for something the compiled run does not do.
@@ -357,7 +360,12 @@ def make_run(config: Config, env: jax_envs.JaxVecEnv | None = None) -> CompiledR
     config = config.validate()
     env = env if env is not None else make_env(config)
     model = _network(config, env, seed=config.seed)
-    q_fn, _ = pure_q_fn(model)
+    if cpu_layers:
+        from fdqn import cpu
+
+        q_fn, _ = pure_q_fn(cpu.space_to_depth_model(model))
+    else:
+        q_fn, _ = pure_q_fn(model)
     optimizer = make_optimizer(
         config.optimizer, config.lr, clip=config.clip, max_grad_norm=config.max_grad_norm
     )

@@ -7,7 +7,9 @@ Two kinds share one interface (``reset(key) -> (obs, state)``,
 - :class:`JaxVecEnv`: JAX-native environments through gymnax, whose state is
   a pytree of arrays;
 - :class:`AtariXlaEnv`: Atari through ale-py's ``AtariVectorEnv.xla()``, the
-  emulators on the host behind an XLA custom call; the state is its handle.
+  emulators on the host behind an XLA custom call; the state is its handle;
+- :class:`CallbackVecEnv`: any other gymnasium vector env, through an
+  ordered ``io_callback`` to the host.
 
 gymnax is an optional dependency (``pip install -e ".[gymnax]"``): it is
 imported when an environment is made, and fdqn's other environments need
@@ -28,6 +30,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import io_callback
 
 # the gymnax environments the compiled run supports (gymnax's ids, gymnasium's
 # too); they give vector observations, which fdqn's mlp network takes
@@ -317,4 +321,110 @@ def make_atari(
         handle=handle,
         xla_reset=xla_reset,
         xla_step=xla_step,
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CallbackVecEnv:
+    """Any gymnasium vector env with vector observations, stepped from compiled code.
+
+    Each step is an ordered ``jax.experimental.io_callback`` to a synchronous
+    gymnasium vector env on the host, in same-step autoreset mode (a step
+    that ends an episode returns the next one's first observation, and the
+    last one in ``final_obs``), so the replay takes whole transitions as for
+    gymnax. The env's state lives on the host; the carry holds a step count
+    that orders the calls. Being ordered, the calls cannot be ``vmap``-ped:
+    one seed per program. Hashed by identity. Made by :func:`make_callback`.
+    """
+
+    env_id: str
+    num_envs: int
+    obs_shape: tuple[int, ...]
+    num_actions: int
+    max_episode_steps: int
+    vector_env: Any = dataclasses.field(repr=False)
+    frame_stack = 0
+
+    def _host_reset(self, seed):
+        obs, _ = self.vector_env.reset(seed=int(seed))
+        return np.asarray(obs, np.float32)
+
+    def _host_step(self, action):
+        obs, reward, terminated, truncated, info = self.vector_env.step(np.asarray(action))
+        obs = np.asarray(obs, np.float32)
+        final = obs.copy()
+        if "_final_obs" in info:
+            for i in np.flatnonzero(info["_final_obs"]):
+                final[i] = info["final_obs"][i]
+        terminated = np.asarray(terminated, bool)
+        truncated = np.asarray(truncated, bool) & ~terminated
+        return obs, final, np.asarray(reward, np.float32), terminated, truncated
+
+    def reset(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """First observations (the host env seeded from ``key``) and the step count 0."""
+        seed = jax.random.randint(key, (), 0, 2**31 - 1, dtype=jnp.int32)
+        shape = jax.ShapeDtypeStruct((self.num_envs, *self.obs_shape), jnp.float32)
+        obs = io_callback(self._host_reset, shape, seed, ordered=True)
+        return obs, jnp.zeros((), jnp.int32)
+
+    def step(self, key: jax.Array, state: jax.Array, action: jax.Array) -> EnvStep:
+        """One step of every environment on the host (``key`` unused: the env seeds itself)."""
+        del key
+        n = self.num_envs
+        obs = jax.ShapeDtypeStruct((n, *self.obs_shape), jnp.float32)
+        flag = jax.ShapeDtypeStruct((n,), jnp.bool_)
+        shapes = (obs, obs, jax.ShapeDtypeStruct((n,), jnp.float32), flag, flag)
+        obs, final_obs, reward, terminated, truncated = io_callback(
+            self._host_step, shapes, action.astype(jnp.int32), ordered=True
+        )
+        return EnvStep(
+            obs=obs,
+            final_obs=final_obs,
+            reward=reward,
+            score=reward,
+            terminated=terminated,
+            truncated=truncated,
+            done=terminated | truncated,
+            valid=jnp.ones(n, bool),
+            state=state + 1,
+        )
+
+    def resized(self, num_envs: int) -> "CallbackVecEnv":
+        """Another ``num_envs`` such environments on the host (for evaluation)."""
+        return make_callback(self.env_id, num_envs)
+
+
+def make_callback(env_id: str, num_envs: int) -> CallbackVecEnv:
+    """``num_envs`` gymnasium environments ``env_id`` behind ordered host callbacks.
+
+    Raises:
+      ValueError: an unknown id, a bad ``num_envs``, or spaces other than a
+        discrete action space and a vector observation space.
+    """
+    import gymnasium as gym
+
+    from fdqn import envs
+
+    if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
+        raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
+    envs.check_env_id(env_id)  # a known id with a discrete action space
+    if envs.is_atari(env_id):
+        raise ValueError(f"{env_id} is Atari: use make_atari (ale-py's XLA calls)")
+    vector_env = gym.make_vec(
+        env_id,
+        num_envs=num_envs,
+        vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+    )
+    obs_space, action_space = vector_env.single_observation_space, vector_env.single_action_space
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        raise ValueError(f"{env_id}: compiled runs take vector observations, got {obs_space}")
+    limit = getattr(vector_env.envs[0].spec, "max_episode_steps", None) or 100_000
+    return CallbackVecEnv(
+        env_id=env_id,
+        num_envs=num_envs,
+        obs_shape=tuple(int(d) for d in obs_space.shape),
+        num_actions=int(action_space.n),
+        max_episode_steps=int(limit),
+        vector_env=vector_env,
     )

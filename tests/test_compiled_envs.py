@@ -1,5 +1,7 @@
-"""Atari in compiled runs: ale-py's XLA calls against its host vector env, and a short run."""
+"""Atari and gymnasium envs in compiled runs: ale-py's XLA calls and host callbacks
+against the host vector envs, and short runs."""
 
+import gymnasium as gym
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -95,3 +97,67 @@ def test_several_seeds_on_atari_are_refused():
     config = Config(env="breakout", num_envs=1, buffer_size=100, batch_size=8, total_steps=100)
     with pytest.raises(ValueError, match="Atari: one seed per run"):
         make_run(config).init([1, 2])
+
+
+# -- gymnasium through host callbacks --------------------------------------------------
+
+
+def test_callback_steps_are_gymnasium_steps_with_same_step_autoreset():
+    n = 3
+    env = jax_envs.make_callback("CartPole-v1", n)
+    reference = gym.make_vec(
+        "CartPole-v1", num_envs=n, vectorization_mode="sync",
+        vector_kwargs={"autoreset_mode": gym.vector.AutoresetMode.SAME_STEP},
+    )  # fmt: skip
+    obs, state = jax.jit(env.reset)(jax.random.key(5))
+    seed = int(jax.random.randint(jax.random.key(5), (), 0, 2**31 - 1, dtype=jnp.int32))
+    ref_obs, _ = reference.reset(seed=seed)
+    np.testing.assert_array_equal(obs, ref_obs)
+    step = jax.jit(env.step)
+    actions = np.random.default_rng(0).integers(0, 2, (120, n))
+    ends = 0
+    for t in range(120):
+        out = step(jax.random.key(t), state, jnp.asarray(actions[t], jnp.int32))
+        ref_obs, reward, terminated, truncated, info = reference.step(actions[t])
+        np.testing.assert_array_equal(out.obs, ref_obs)
+        np.testing.assert_array_equal(out.reward, reward)
+        np.testing.assert_array_equal(out.terminated, terminated)
+        np.testing.assert_array_equal(out.done, terminated | truncated)
+        for i in np.flatnonzero(terminated):  # the ended episode's last observation, not the reset
+            np.testing.assert_array_equal(out.final_obs[i], info["final_obs"][i])
+            assert not np.array_equal(out.final_obs[i], out.obs[i])
+            ends += 1
+        assert int(out.state) == t + 1
+        state = out.state
+    assert ends > 0
+
+
+def test_a_compiled_run_on_host_callbacks_counts_episodes_and_learns():
+    config = Config(
+        env="CartPole-v1", network="mlp", hidden=(16, 16), num_envs=4, total_steps=2_000,
+        batch_size=16, buffer_size=400, learning_starts=40, train_every=2, target_update=30,
+        eval_every=0, checkpoint_every=0,
+    )  # fmt: skip
+    run = make_run(config, env=jax_envs.make_callback("CartPole-v1", 4))
+    state = run.init(1)
+    before = [np.asarray(p) for p in state.learner.params]
+    state, metrics = run.run(state, 200)
+    done = np.asarray(metrics.done)
+    # CartPole pays 1 per step: every finished episode's return is its length
+    np.testing.assert_array_equal(
+        np.asarray(metrics.episode_return)[done], np.asarray(metrics.episode_length)[done]
+    )
+    assert int(state.counters.episodes) == done.sum() > 0
+    assert int(state.counters.updates) == (800 - 40) // 2 + 1
+    assert any(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(state.learner.params, before))
+    scores = np.asarray(run.evaluate(state.learner.params, jax.random.key(0), 3, 0.0))
+    assert scores.shape == (3,) and np.all(scores >= 8)  # CartPole never ends before step 8
+    with pytest.raises(ValueError, match="host gymnasium env: one seed per run"):
+        run.init([1, 2])
+
+
+def test_callback_env_refuses_what_dqn_cannot_take():
+    with pytest.raises(ValueError, match="DQN needs a Discrete one"):
+        jax_envs.make_callback("Pendulum-v1", 1)
+    with pytest.raises(ValueError, match="is Atari"):
+        jax_envs.make_callback("BreakoutNoFrameskip-v4", 1)
