@@ -217,7 +217,8 @@ class CompiledRun:
     def _replay_start(self, obs):
         n, capacity = self.env.num_envs, self.config.buffer_size
         if not self.env.frame_stack:
-            return dr.ring_init(capacity, n, self.env.obs_shape)
+            dtype = getattr(self.env, "replay_dtype", jnp.float32)
+            return dr.ring_init(capacity, n, self.env.obs_shape, dtype)
         ring = dr.frame_ring_init(capacity, n, self.env.obs_shape)
         zeros = jnp.zeros(n, jnp.int32)
         return dr.frame_ring_add(ring, obs, zeros, zeros, zeros.astype(bool), ~zeros.astype(bool))
@@ -234,7 +235,10 @@ class CompiledRun:
 
     def _replay_sample(self, replay, key):
         if not self.env.frame_stack:
-            return dr.ring_sample(replay, key, self.config.batch_size)
+            batch = dr.ring_sample(replay, key, self.config.batch_size)
+            return batch._replace(
+                obs=batch.obs.astype(jnp.float32), next_obs=batch.next_obs.astype(jnp.float32)
+            )
         return dr.frame_ring_sample(replay, key, self.config.batch_size, self.env.frame_stack)
 
     # -- many steps ---------------------------------------------------------------
@@ -312,14 +316,14 @@ def _evaluator(run: CompiledRun, episodes: int, epsilon: float, batched: bool):
 
 def _network(config: Config, env, seed: int | None):
     kwargs = dict(dtype_policy=config.dtype_policy, seed=seed)
-    if env.frame_stack:
-        if config.network == "mlp":
-            raise ValueError(f"--network: {config.env} gives images: use nature or notebook")
-        build = networks.nature_cnn if config.network == "nature" else networks.notebook_cnn
-        return build(env.num_actions, env.obs_shape, **kwargs)
-    if config.network != "mlp":
-        raise ValueError(f"--network: {config.env} gives vectors: use mlp")
-    return networks.mlp(env.num_actions, int(env.obs_shape[0]), config.hidden, **kwargs)
+    if config.network == "mlp":
+        return networks.mlp(env.num_actions, int(env.obs_shape[0]), config.hidden, **kwargs)
+    build = {
+        "nature": networks.nature_cnn,
+        "notebook": networks.notebook_cnn,
+        "minatar": networks.minatar_cnn,
+    }[config.network]
+    return build(env.num_actions, env.obs_shape, **kwargs)
 
 
 def make_env(config: Config):

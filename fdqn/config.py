@@ -26,7 +26,7 @@ from fdqn import envs, jax_envs, networks, rundir
 from fdqn.exploration import exponential_epsilon, linear_epsilon
 from fdqn.networks import DTYPE_POLICIES
 
-NETWORKS = ("nature", "notebook", "mlp")
+NETWORKS = ("nature", "notebook", "mlp", "minatar")
 SCHEDULES = ("linear", "exponential")
 TARGET_UNITS = ("steps", "episodes")
 
@@ -181,6 +181,10 @@ class Config:
                 "batch_size",
                 f"must not exceed --buffer-size ({self.buffer_size}), got {self.batch_size}",
             )
+        if jax_envs.is_minatar(self.env):
+            if self.network != "minatar":
+                raise ConfigError("network", f"{self.env} is a MinAtar game: use minatar")
+            return self
         try:
             atari = envs.check_env_id(self.env)
         except ValueError as e:
@@ -191,7 +195,7 @@ class Config:
                 f"more than one seed runs on JAX-native environments "
                 f"({', '.join(jax_envs.GYMNAX_IDS[:3])}); {self.env} is not one",
             )
-        if atari and self.network == "mlp":
+        if atari and self.network in ("mlp", "minatar"):
             raise ConfigError("network", f"{self.env} gives images: use nature or notebook")
         if not atari and self.network != "mlp":
             raise ConfigError("network", f"{self.env} gives vectors: use mlp")

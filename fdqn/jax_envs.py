@@ -33,9 +33,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-# the gymnax environments the compiled run supports (gymnax's ids, gymnasium's
-# too); they give vector observations, which fdqn's mlp network takes
-GYMNAX_IDS = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0")
+# the gymnax environments the compiled run supports: classic control (gymnax's
+# ids are gymnasium's too), vector observations for fdqn's mlp network; and the
+# MinAtar games (gymnax only), 10x10 grids of 0/1 channels for its minatar network
+CLASSIC_IDS = ("CartPole-v1", "Acrobot-v1", "MountainCar-v0")
+MINATAR_IDS = (
+    "Breakout-MinAtar", "Asterix-MinAtar", "Freeway-MinAtar", "Seaquest-MinAtar",
+    "SpaceInvaders-MinAtar",
+)  # fmt: skip
+GYMNAX_IDS = CLASSIC_IDS + MINATAR_IDS
 
 
 class GymnaxMissing(ImportError):
@@ -98,7 +104,12 @@ class JaxVecEnv:
     params: Any = dataclasses.field(compare=False, repr=False)
     obs_shape: tuple[int, ...]
     num_actions: int
-    frame_stack = 0  # vector observations: whole transitions in the replay
+    frame_stack = 0  # whole transitions in the replay
+
+    @property
+    def replay_dtype(self):
+        """How the replay stores observations: MinAtar's 0/1 grids as uint8 (4x smaller)."""
+        return jnp.uint8 if self.env_id in MINATAR_IDS else jnp.float32
 
     def reset(self, key: jax.Array) -> tuple[jax.Array, Any]:
         """First observations ``(num_envs, *obs_shape)`` and states of new episodes."""
@@ -138,6 +149,11 @@ class JaxVecEnv:
 def is_jax_env(env_id: str) -> bool:
     """Whether ``env_id`` is one of the JAX-native environments fdqn supports."""
     return env_id in GYMNAX_IDS
+
+
+def is_minatar(env_id: str) -> bool:
+    """Whether ``env_id`` is a MinAtar game (gymnax only: compiled runs only)."""
+    return env_id in MINATAR_IDS
 
 
 def make(env_id: str, num_envs: int) -> JaxVecEnv:

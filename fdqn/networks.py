@@ -216,6 +216,46 @@ def mlp(
     return keras.Sequential(layers, name="mlp")
 
 
+def minatar_cnn(
+    num_actions: int,
+    obs_shape: Sequence[int],
+    dtype_policy: str = "float32",
+    seed: int | None = None,
+) -> keras.Model:
+    """The DQN network of the MinAtar benchmark (Young and Tian, 2019).
+
+    Conv 16 3x3 stride 1 ('valid'), dense 128, dense ``num_actions``, ReLU
+    activations, on MinAtar's ``(10, 10, channels)`` 0/1 observations
+    (channels last, as gymnax gives them; uint8 or float).
+
+    Args:
+      num_actions: size of the discrete action space.
+      obs_shape: shape of one observation, ``(height, width, channels)``.
+      dtype_policy, seed: as in :func:`nature_cnn`.
+
+    Returns:
+      A built ``keras.Sequential`` mapping ``(N, *obs_shape)`` to float32
+      ``(N, num_actions)``.
+    """
+    _check_num_actions(num_actions)
+    _check_dtype_policy(dtype_policy)
+    obs_shape = tuple(int(d) for d in obs_shape)
+    if len(obs_shape) != 3 or min(obs_shape) < 3:
+        raise ValueError(f"obs_shape must be (height, width, channels) of 3 or more, got {obs_shape}")
+    init = _seeded(_initializer_seeds(seed, 3))
+    policy = dict(dtype=dtype_policy)
+    return keras.Sequential(
+        [
+            keras.Input(shape=obs_shape, dtype="float32", name="obs"),
+            keras.layers.Conv2D(16, 3, activation="relu", name="conv", **policy, **init()),
+            keras.layers.Flatten(name="flatten", **policy),
+            keras.layers.Dense(128, activation="relu", name="fc", **policy, **init()),
+            _q_values_layer(num_actions, init()),
+        ],
+        name="minatar_cnn",
+    )
+
+
 def pure_q_fn(model: keras.Model) -> tuple[QFn, Params]:
     """Turns a built Keras model into a pure function and its parameters.
 

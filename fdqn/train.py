@@ -57,7 +57,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fdqn import checkpoint, cpu, envs, networks, reporting, rundir, seed_runs
+from fdqn import checkpoint, cpu, envs, jax_envs, networks, reporting, rundir, seed_runs
 from fdqn.config import (
     CONFIG_FILE,
     PRESETS,
@@ -784,7 +784,7 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
                 f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                 f"or choose another --run-dir"
             )
-    if config.num_seeds > 1:
+    if config.num_seeds > 1 or jax_envs.is_minatar(config.env):  # MinAtar: gymnax only
         return _run_seeds(config, run_dir, resume, checkpoint_step, stops)
     # built before anything is written, so that a replay memory larger than the RAM
     # fails here; mapping the memory takes seconds per GiB on some machines

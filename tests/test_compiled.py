@@ -294,3 +294,38 @@ def test_sigint_checkpoints_a_seeds_run_and_resume_continues_it(tmp_path, monkey
     assert train.main(["--resume", run_dir, "--no-cpu-tuning"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["agent_steps"] == 600 and summary["status"] == "finished"
+
+
+# -- MinAtar (gymnax) ------------------------------------------------------------------
+
+
+def test_minatar_runs_compiled_with_its_network_and_a_uint8_replay():
+    config = Config(
+        env="Breakout-MinAtar", network="minatar", num_envs=2, total_steps=1_000,
+        batch_size=8, buffer_size=200, learning_starts=50, train_every=2, target_update=50,
+        epsilon_end=1.0, eval_every=0, checkpoint_every=0,
+    ).validate()  # fmt: skip
+    run = make_run(config)
+    assert run.model.name == "minatar_cnn" and run.env.obs_shape == (10, 10, 4)
+    state = run.init([1, 2])
+    assert state.replay.obs.dtype == jnp.uint8
+    before = [np.asarray(p) for p in state.learner.params]
+    state, metrics = run.run(state, 100)
+    done = np.asarray(metrics.done)
+    assert done.sum() > 0  # random Breakout games end within 100 steps
+    assert int(state.counters.updates[0]) == (200 - 50) // 2 + 1
+    # MinAtar grids are 0/1: the uint8 replay holds them exactly
+    held = np.asarray(state.replay.obs)
+    assert set(np.unique(held)) <= {0, 1} and held.max() == 1
+    after = [np.asarray(p) for p in state.learner.params]
+    assert all(np.abs(a - b).max() > 0 for a, b in zip(after, before))
+    assert not np.array_equal(after[0][0], after[0][1])  # the two seeds learn apart
+
+
+def test_minatar_needs_its_network():
+    from fdqn.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--network: Breakout-MinAtar is a MinAtar game"):
+        Config(env="Breakout-MinAtar", network="mlp").validate()
+    with pytest.raises(ConfigError, match="--network: breakout gives images"):
+        Config(env="breakout", network="minatar").validate()

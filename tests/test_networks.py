@@ -475,3 +475,15 @@ def test_dtype_policy_errors():
             build(4, dtype_policy="float16")
     with pytest.raises(ValueError, match="dtype_policy must be one of"):
         fdqn.mlp(2, obs_dim=4, dtype_policy="bfloat16")
+
+
+def test_minatar_cnn_maps_grids_to_q_values_and_refuses_other_shapes():
+    model = fdqn.networks.minatar_cnn(6, (10, 10, 7), seed=0)
+    q = model(np.ones((3, 10, 10, 7), np.float32))
+    assert q.shape == (3, 6) and q.dtype == "float32"
+    # conv 16 3x3 'valid' on 10x10 leaves 8x8x16 = 1024 inputs to the dense layer of 128
+    assert [tuple(w.shape) for w in model.weights] == [
+        (3, 3, 7, 16), (16,), (1024, 128), (128,), (128, 6), (6,)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match=r"obs_shape must be \(height, width, channels\)"):
+        fdqn.networks.minatar_cnn(6, (4, 84, 84, 1))
