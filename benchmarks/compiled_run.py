@@ -15,7 +15,8 @@ five values rejax 0.1.3 expects (done = terminated or truncated, which is
 rejax's own choice).
 
 ``--seeds`` runs S agents in one compiled program and reports aggregate
-agent steps per second. ``--long`` adds 500,000-step runs (compiled and
+agent steps per second. ``--minatar`` adds the ``minatar`` preset (MinAtar
+Breakout) for 1 and 10 seeds: agent steps per second of its learning phase. ``--long`` adds 500,000-step runs (compiled and
 rejax only: fdqn's host loop would take minutes per round).
 """
 
@@ -170,6 +171,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--long", action="store_true", help="add 500,000-step runs")
     parser.add_argument("--seeds", default="1,4,16,64", help="seed counts for the scaling run")
+    parser.add_argument("--minatar", action="store_true", help="add MinAtar Breakout")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     try:
@@ -187,6 +189,9 @@ def main() -> None:
         rates = side_by_side(long, max(1, args.rounds - 1))
         report("CartPole-v1, 500,000 agent steps", long, rates)
 
+    if args.minatar:
+        minatar(args.rounds)
+
     print("\nseeds in one program, 50,000 agent steps each (aggregate agent steps/s)")
     base = None
     for s in (int(x) for x in args.seeds.split(",")):
@@ -197,6 +202,32 @@ def main() -> None:
             f"  S={s:3d}: {rate:10,.0f} steps/s, x{rate / base:.2f} of S=1; "
             f"compile (+1 run) {c.compile_s:.1f} s"
         )
+
+
+def minatar(rounds: int, steps: int = 40_000) -> None:
+    """The minatar preset after learning starts: agent steps/s for 1 and 10 seeds."""
+    from fdqn.config import preset
+
+    cfg = preset("minatar").replace(learning_starts=5_000, eval_every=0).validate()
+    run = make_run(cfg)
+    warm, timed = run.steps_for(cfg.learning_starts), run.steps_for(steps)
+    print(f"\nMinAtar Breakout, the minatar preset, agent steps 5,000-{5_000 + steps:,}")
+    for s in (1, 10):
+        rates = []
+        for r in range(rounds):
+            state = run.init([1000 * (r + 1) + i for i in range(s)])
+            state, _ = run.run(state, warm)
+            jax.block_until_ready(run.run(state, timed) if r == 0 else state)  # compiles
+            if r == 0:
+                state = run.init([1000 * (r + 1) + i for i in range(s)])
+                state, _ = run.run(state, warm)
+            jax.block_until_ready(state)
+            start = time.perf_counter()
+            state, _ = run.run(state, timed)
+            jax.block_until_ready(state)
+            rates.append(s * timed * cfg.num_envs / (time.perf_counter() - start))
+        print(f"  S={s:3d}: median {statistics.median(rates):9,.0f} agent steps/s "
+              f"(range {min(rates):,.0f}-{max(rates):,.0f}) over all seeds")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ gradient clipping. Presets change a few fields at once:
   the notebook got wrong.
 - ``cartpole``: CartPole-v1 with an MLP, tuned to solve it in well under
   50,000 agent steps.
+- ``minatar``: MinAtar Breakout (gymnax, compiled runs) with the MinAtar
+  network, after the DQN settings of Young and Tian (2019) with 8
+  environments and one update per 4 agent steps.
 
 Every field is a command-line flag (``--total-steps``, ``--lr``, ...).
 """
@@ -252,6 +255,28 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_epsilon=0.0,
         checkpoint_every=10_000,
         log_every=2_000,
+    ),
+    "minatar": dict(
+        env="Breakout-MinAtar",
+        network="minatar",
+        num_envs=8,
+        total_steps=1_000_000,
+        optimizer="adam",
+        lr=2.5e-4,
+        batch_size=32,
+        buffer_size=100_000,
+        learning_starts=5_000,
+        train_every=4,
+        target_update=1_000,
+        clip="global",
+        max_grad_norm=10.0,
+        epsilon_end=0.1,
+        exploration_fraction=0.1,
+        eval_every=50_000,
+        eval_episodes=20,
+        eval_epsilon=0.0,
+        checkpoint_every=100_000,
+        log_every=10_000,
     ),
 }
 

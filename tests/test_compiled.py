@@ -329,3 +329,19 @@ def test_minatar_needs_its_network():
         Config(env="Breakout-MinAtar", network="mlp").validate()
     with pytest.raises(ConfigError, match="--network: breakout gives images"):
         Config(env="breakout", network="minatar").validate()
+
+
+def test_the_minatar_preset_trains_compiled_from_the_command_line(tmp_path, capsys):
+    from fdqn import train
+
+    run_dir = str(tmp_path / "run")
+    code = train.main(["--preset", "minatar", "--total-steps", "320", "--learning-starts", "80",
+                       "--buffer-size", "400", "--eval-every", "0", "--log-every", "160",
+                       "--eval-episodes", "2", "--run-dir", run_dir,
+                       "--no-cpu-tuning"])  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert summary["status"] == "finished" and summary["seeds"] == [1]
+    assert summary["agent_steps"] == 320 and len(summary["final_eval"]) == 1
+    assert os.path.isfile(os.path.join(run_dir, "model-seed1.keras"))
