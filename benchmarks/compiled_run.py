@@ -213,18 +213,18 @@ def minatar(rounds: int, steps: int = 40_000) -> None:
     warm, timed = run.steps_for(cfg.learning_starts), run.steps_for(steps)
     print(f"\nMinAtar Breakout, the minatar preset, agent steps 5,000-{5_000 + steps:,}")
     for s in (1, 10):
+
+        def learning(round_: int):
+            state = run.init([1000 * (round_ + 1) + i for i in range(s)])
+            state, _ = run.run(state, warm)
+            return jax.block_until_ready(state)
+
+        jax.block_until_ready(run.run(learning(-1), timed))  # compiles both lengths
         rates = []
         for r in range(rounds):
-            state = run.init([1000 * (r + 1) + i for i in range(s)])
-            state, _ = run.run(state, warm)
-            jax.block_until_ready(run.run(state, timed) if r == 0 else state)  # compiles
-            if r == 0:
-                state = run.init([1000 * (r + 1) + i for i in range(s)])
-                state, _ = run.run(state, warm)
-            jax.block_until_ready(state)
+            state = learning(r)
             start = time.perf_counter()
-            state, _ = run.run(state, timed)
-            jax.block_until_ready(state)
+            jax.block_until_ready(run.run(state, timed))
             rates.append(s * timed * cfg.num_envs / (time.perf_counter() - start))
         print(f"  S={s:3d}: median {statistics.median(rates):9,.0f} agent steps/s "
               f"(range {min(rates):,.0f}-{max(rates):,.0f}) over all seeds")  # fmt: skip

@@ -104,7 +104,7 @@ class CompiledRun:
         if isinstance(seeds, (list, tuple)):
             if not seeds:
                 raise ValueError("seeds must not be empty")
-            if not isinstance(self.env, jax_envs.JaxVecEnv):
+            if not _vmappable(self.env) and len(seeds) > 1:
                 kind = "Atari" if self.env.frame_stack else "a host gymnasium env"
                 raise ValueError(
                     "several seeds in one program run on gymnax environments; "
@@ -268,9 +268,55 @@ class CompiledRun:
         batched = jax.tree.leaves(params)[0].ndim > len(self.model.weights[0].shape)
         return _evaluator(self, episodes, float(epsilon), batched)(params, key)
 
+    def restart_envs(self, state: RunState) -> RunState:
+        """``state`` with every environment on a new episode, for environments whose state
+        lives on the host (Atari, gymnasium callbacks): a checkpoint cannot hold their
+        emulators, so a resumed run starts new games. The frame ring marks the break (the
+        new first frames), so no transition spans it; the replay, learner, counters and keys
+        are kept. gymnax runs never need this: their env state is in the carry."""
+        batched = state.counters.agent_steps.ndim == 1
+        one = jax.tree.map(lambda x: x[0], state) if batched else state
+        key = jax.random.fold_in(one.key, one.counters.agent_steps)
+        obs, env_state = self.env.reset(key)
+        replay = one.replay
+        if self.env.frame_stack:
+            zeros = jnp.zeros(self.env.num_envs, jnp.int32)
+            replay = dr.frame_ring_add(replay, obs, zeros, zeros, zeros > 0, zeros == 0)
+        one = one._replace(
+            replay=replay,
+            env_state=env_state,
+            obs=obs,
+            episode_return=jnp.zeros_like(one.episode_return),
+            episode_length=jnp.zeros_like(one.episode_length),
+        )
+        return jax.tree.map(lambda x: x[None], one) if batched else one
+
+    @property
+    def exact_resume(self) -> bool:
+        """Whether a checkpointed state continues exactly (the env state is in the carry)."""
+        return _vmappable(self.env)
+
     def steps_for(self, agent_steps: int) -> int:
         """Steps of all environments that reach ``agent_steps`` (rounded up)."""
         return -(-agent_steps // self.env.num_envs)
+
+
+def _vmappable(env) -> bool:
+    """Whether ``env``'s steps map over seeds: gymnax's do; host emulators and callbacks do not."""
+    return isinstance(env, jax_envs.JaxVecEnv)
+
+
+def _over_seeds(fn, env):
+    """``fn`` mapped over a leading seed axis: ``vmap``, or for one seed of an env that
+    cannot be mapped, ``fn`` of that seed with the axis taken off and put back."""
+    if _vmappable(env):
+        return jax.vmap(fn)
+
+    def one(*args):
+        out = fn(*jax.tree.map(lambda x: x[0], args))
+        return jax.tree.map(lambda x: x[None], out)
+
+    return one
 
 
 @functools.lru_cache(maxsize=32)
@@ -281,7 +327,7 @@ def _compiled(run: CompiledRun, num_steps: int, batched: bool):
 
         return jax.lax.scan(body, state, length=num_steps)
 
-    return jax.jit(jax.vmap(scan) if batched else scan, donate_argnums=0)
+    return jax.jit(_over_seeds(scan, run.env) if batched else scan, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -311,7 +357,7 @@ def _evaluator(run: CompiledRun, episodes: int, epsilon: float, batched: bool):
         carry = (jnp.zeros((), jnp.int32), key, obs, env_state, zeros, ended)
         return jax.lax.while_loop(unfinished, step, carry)[4]
 
-    return jax.jit(jax.vmap(play) if batched else play)
+    return jax.jit(_over_seeds(play, env) if batched else play)
 
 
 def _network(config: Config, env, seed: int | None):

@@ -32,6 +32,7 @@ from fdqn.networks import DTYPE_POLICIES
 NETWORKS = ("nature", "notebook", "mlp", "minatar")
 SCHEDULES = ("linear", "exponential")
 TARGET_UNITS = ("steps", "episodes")
+LOOPS = ("host", "compiled")
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,12 @@ class Config:
         1,
         "agents trained at once, seeds --seed, --seed+1, ..., in one compiled program "
         "(JAX-native environments: gymnax)",
+    )
+    loop: str = _field(
+        "host",
+        "training loop: host (a Python loop over jitted updates, envs stepped beside them) or "
+        "compiled (the whole run in lax.scan chunks, fdqn.compiled); MinAtar and --num-seeds "
+        "above 1 always run compiled",
     )
     optimizer: str = _field("adam", "optimizer: adam or rmsprop")
     lr: float = _field(1e-4, "learning rate, in (0, 1]")
@@ -156,6 +163,7 @@ class Config:
             "network": NETWORKS,
             "dtype_policy": DTYPE_POLICIES,
             "optimizer": ("adam", "rmsprop"),
+            "loop": LOOPS,
             "clip": ("global", "per_tensor", "none"),
             "loss_reduction": ("mean", "sum"),
             "epsilon_schedule": SCHEDULES,
@@ -336,7 +344,7 @@ def make_network(config: Config, env: Any, seed: int | None = None) -> Any:
 CONFIG_FILE = "config.json"
 # Config fields added after runs were written with fdqn, and the value each such
 # run had in effect: a config.json without them loads with these values.
-FIELDS_ADDED_LATER: dict[str, Any] = {"dtype_policy": "float32", "num_seeds": 1}
+FIELDS_ADDED_LATER: dict[str, Any] = {"dtype_policy": "float32", "num_seeds": 1, "loop": "host"}
 
 
 def save_config(config: Config, run_dir: str) -> None:

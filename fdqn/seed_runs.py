@@ -1,7 +1,8 @@
-"""Many seeds trained in one compiled program, from the command line (``--num-seeds S``).
+"""The compiled training loop from the command line: ``--loop compiled``, ``--num-seeds S``.
 
-The run is :mod:`fdqn.compiled`'s, on a JAX-native environment, compiled in
-chunks of agent steps. Between chunks the host writes what the program
+The run is :mod:`fdqn.compiled`'s, compiled in chunks of agent steps: many
+seeds in one program on gymnax environments, one seed on Atari (ale-py's
+XLA calls) and other gymnasium environments (host callbacks). Between chunks the host writes what the program
 returned:
 
 - ``metrics.csv``: a row per finished game and seed (``step``, ``seed``,
@@ -16,8 +17,10 @@ returned:
   every seed's final evaluation, and ``learning_curve.png`` with every seed
   and their mean.
 
-Checkpoints hold every seed's whole run state, environments included:
-``--resume`` continues such a run exactly (``--checkpoint STEP`` picks one),
+Checkpoints hold every seed's whole run state, the replay included (at 7.1
+KB per Atari transition: mind ``--buffer-size`` and ``--keep-checkpoints``)
+and, on gymnax, the environments: ``--resume`` continues such a run exactly
+(``--checkpoint STEP`` picks one),
 and SIGINT or SIGTERM checkpoints before stopping. A NaN loss stops the run
 and keeps the last checkpoint.
 """
@@ -56,15 +59,19 @@ def train_seeds(
     stops: Any = (),
     resume: bool = False,
     checkpoint_step: int | None = None,
+    cpu_layers: bool = False,
 ) -> SeedsResult:
     """Trains ``config.num_seeds`` agents (seeds ``seed, seed+1, ...``) in one program.
 
     Checkpoints (every ``checkpoint_every`` agent steps, at a stop and at the
     end) hold the whole :class:`fdqn.compiled.RunState` of every seed, the
     environments' states included, so ``resume`` continues the run exactly:
-    the same steps give the same bits as a run straight through.
+    the same steps give the same bits as a run straight through. Atari and
+    gymnasium environments (one seed) keep their games on the host: a resumed
+    run starts new ones (:meth:`fdqn.compiled.CompiledRun.restart_envs`).
+    ``cpu_layers`` is :func:`fdqn.compiled.make_run`'s.
     """
-    run = make_run(config)
+    run = make_run(config, cpu_layers=cpu_layers)
     seeds = [config.seed + i for i in range(config.num_seeds)]
     n = config.num_envs
     state = run.init(seeds)
@@ -83,7 +90,13 @@ def train_seeds(
         for damaged, reason in skipped:
             moved = checkpoint.set_aside(damaged)
             stream.write(f"warning: damaged checkpoint {damaged} set aside as {moved}: {reason}\n")
-        stream.write(f"resumed from {path}\n")
+        if not run.exact_resume:
+            state = run.restart_envs(state)
+        stream.write(
+            f"resumed from {path}"
+            + ("" if run.exact_resume else " (the environments start new games)")
+            + "\n"
+        )
     elif resume:
         stream.write(f"{run_dir} has no checkpoint yet: starting the run from step 0\n")
     done_steps = int(np.asarray(state.counters.agent_steps)[0]) // n

@@ -784,8 +784,8 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
                 f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                 f"or choose another --run-dir"
             )
-    if config.num_seeds > 1 or jax_envs.is_minatar(config.env):  # MinAtar: gymnax only
-        return _run_seeds(config, run_dir, resume, checkpoint_step, stops)
+    if config.loop == "compiled" or config.num_seeds > 1 or jax_envs.is_minatar(config.env):
+        return _run_seeds(config, run_dir, resume, checkpoint_step, stops, cpu_tuning)
     # built before anything is written, so that a replay memory larger than the RAM
     # fails here; mapping the memory takes seconds per GiB on some machines
     run = build(config, cpu_layers=cpu_tuning)
@@ -810,13 +810,20 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
 
 
 def _run_seeds(
-    config: Config, run_dir: str, resume: bool, checkpoint_step: int | None, stops: StopRequests
+    config: Config,
+    run_dir: str,
+    resume: bool,
+    checkpoint_step: int | None,
+    stops: StopRequests,
+    cpu_layers: bool,
 ) -> int:
-    """``--num-seeds S``: the seeds in one compiled program (:mod:`fdqn.seed_runs`)."""
+    """The compiled loop: ``--num-seeds S`` seeds in one program (:mod:`fdqn.seed_runs`)."""
     if not resume or _saved_config(run_dir) != config:
         save_config(config, run_dir)
     stops.accepting = stops.started = True
-    result = seed_runs.train_seeds(config, run_dir, sys.stderr, stops, resume, checkpoint_step)
+    result = seed_runs.train_seeds(
+        config, run_dir, sys.stderr, stops, resume, checkpoint_step, cpu_layers=cpu_layers
+    )
     stops.accepting = False
     if result.status == "interrupted":
         return 128 + stops.received[0]

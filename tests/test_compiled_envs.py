@@ -1,6 +1,8 @@
 """Atari and gymnasium envs in compiled runs: ale-py's XLA calls and host callbacks
 against the host vector envs, and short runs."""
 
+import os
+
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
@@ -161,3 +163,25 @@ def test_callback_env_refuses_what_dqn_cannot_take():
         jax_envs.make_callback("Pendulum-v1", 1)
     with pytest.raises(ValueError, match="is Atari"):
         jax_envs.make_callback("BreakoutNoFrameskip-v4", 1)
+
+
+def test_the_compiled_loop_trains_breakout_from_the_command_line_and_resumes(tmp_path, capsys):
+    import json
+
+    from fdqn import train
+
+    run_dir = str(tmp_path / "run")
+    args = ["--env", "breakout", "--loop", "compiled", "--num-envs", "2", "--buffer-size", "400",
+            "--batch-size", "8", "--learning-starts", "100", "--eval-every", "0",
+            "--checkpoint-every", "200", "--log-every", "100", "--eval-episodes", "1",
+            "--epsilon-end", "1.0", "--no-cpu-tuning"]  # fmt: skip
+    assert train.main([*args, "--total-steps", "200", "--run-dir", run_dir]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["status"] == "finished" and summary["agent_steps"] == 200
+    assert train.main(["--resume", run_dir, "--total-steps", "400", "--no-cpu-tuning"]) == 0
+    captured = capsys.readouterr()
+    assert "(the environments start new games)" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["agent_steps"] == 400
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        assert f.readline().strip() == "step,seed,episode,score,length,epsilon,loss"
+    assert os.path.isfile(os.path.join(run_dir, "model-seed1.keras"))
