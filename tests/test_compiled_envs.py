@@ -185,3 +185,22 @@ def test_the_compiled_loop_trains_breakout_from_the_command_line_and_resumes(tmp
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         assert f.readline().strip() == "step,seed,episode,score,length,epsilon,loss"
     assert os.path.isfile(os.path.join(run_dir, "model-seed1.keras"))
+
+
+def test_atari_steps_eagerly_and_in_the_compiled_scan_give_the_same_state():
+    config = Config(
+        env="breakout", num_envs=2, total_steps=1_000, buffer_size=200, batch_size=4,
+        learning_starts=8, train_every=4, target_update=12, epsilon_end=1.0,
+        eval_every=0, checkpoint_every=0,
+    )  # fmt: skip
+    compiled, eager = make_run(config), make_run(config)  # two sets of emulators
+    state_c, state_e = compiled.init(5), eager.init(5)
+    state_c, _ = compiled.run(state_c, 10)
+    with jax.disable_jit():
+        for _ in range(10):
+            state_e, _ = eager.step(state_e)
+    assert int(state_c.counters.updates) == int(state_e.counters.updates) == (20 - 8) // 4 + 1
+    np.testing.assert_array_equal(state_c.replay.frames, state_e.replay.frames)
+    np.testing.assert_array_equal(state_c.replay.action, state_e.replay.action)
+    for c, e in zip(state_c.learner.params, state_e.learner.params):
+        np.testing.assert_allclose(c, e, rtol=1e-4, atol=1e-6)
