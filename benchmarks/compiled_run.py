@@ -16,8 +16,9 @@ rejax's own choice).
 
 ``--seeds`` runs S agents in one compiled program and reports aggregate
 agent steps per second. ``--minatar`` adds the ``minatar`` preset (MinAtar
-Breakout) for 1 and 10 seeds: agent steps per second of its learning phase. ``--long`` adds 500,000-step runs (compiled and
-rejax only: fdqn's host loop would take minutes per round).
+Breakout) for 1 and 10 seeds: agent steps per second of its learning phase.
+``--long`` adds 500,000-step runs (compiled and rejax only: fdqn's host loop
+would take minutes per round).
 """
 
 import argparse
@@ -214,7 +215,7 @@ def minatar(rounds: int, steps: int = 40_000) -> None:
     print(f"\nMinAtar Breakout, the minatar preset, agent steps 5,000-{5_000 + steps:,}")
     for s in (1, 10):
 
-        def learning(round_: int):
+        def learning(round_: int, s: int = s):
             state = run.init([1000 * (round_ + 1) + i for i in range(s)])
             state, _ = run.run(state, warm)
             return jax.block_until_ready(state)

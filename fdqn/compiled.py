@@ -29,10 +29,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from fdqn import jax_envs
-from fdqn.config import Config, epsilon_schedule, loss_options
 from fdqn import device_replay as dr
-from fdqn import networks
+from fdqn import jax_envs, networks
+from fdqn.config import Config, epsilon_schedule, loss_options
 from fdqn.exploration import epsilon_greedy
 from fdqn.learner import Batch, TrainState, make_optimizer, sync_target, update
 from fdqn.networks import pure_q_fn
@@ -152,7 +151,9 @@ class CompiledRun:
         out = self.env.step(env_key, state.env_state, action)
         replay = self._replay_add(state.replay, state.obs, action, out)
         step = counters.agent_steps + n
-        learning = (step >= config.learning_starts) & (self._replay_size(replay) >= config.batch_size)
+        learning = (step >= config.learning_starts) & (
+            self._replay_size(replay) >= config.batch_size
+        )
         due = jnp.where(
             learning,
             jnp.maximum(
@@ -225,7 +226,9 @@ class CompiledRun:
 
     def _replay_add(self, replay, obs, action, out):
         if not self.env.frame_stack:
-            return dr.ring_add(replay, Batch(obs, action, out.reward, out.final_obs, out.terminated))
+            return dr.ring_add(
+                replay, Batch(obs, action, out.reward, out.final_obs, out.terminated)
+            )
         return dr.frame_ring_add(replay, out.obs, action, out.reward, out.terminated, ~out.valid)
 
     def _replay_size(self, replay):

@@ -174,7 +174,9 @@ def frame_ring_init(capacity: int, num_envs: int, obs_shape: tuple[int, ...]) ->
     if capacity < num_envs:
         raise ValueError(f"capacity must be at least num_envs ({num_envs}), got {capacity}")
     obs_shape = tuple(obs_shape)
-    if len(obs_shape) < 2 or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in obs_shape):
+    if len(obs_shape) < 2 or not all(
+        isinstance(d, (int, np.integer)) and d >= 1 for d in obs_shape
+    ):
         raise ValueError(f"obs_shape must be (stack, *frame_shape), got {obs_shape}")
     stack, *frame_shape = obs_shape
     shape = (num_envs, capacity // num_envs + stack)

@@ -241,7 +241,9 @@ def minatar_cnn(
     _check_dtype_policy(dtype_policy)
     obs_shape = tuple(int(d) for d in obs_shape)
     if len(obs_shape) != 3 or min(obs_shape) < 3:
-        raise ValueError(f"obs_shape must be (height, width, channels) of 3 or more, got {obs_shape}")
+        raise ValueError(
+            f"obs_shape must be (height, width, channels) of 3 or more, got {obs_shape}"
+        )
     init = _seeded(_initializer_seeds(seed, 3))
     policy = dict(dtype=dtype_policy)
     return keras.Sequential(

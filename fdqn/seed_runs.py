@@ -2,8 +2,8 @@
 
 The run is :mod:`fdqn.compiled`'s, compiled in chunks of agent steps: many
 seeds in one program on gymnax environments, one seed on Atari (ale-py's
-XLA calls) and other gymnasium environments (host callbacks). Between chunks the host writes what the program
-returned:
+XLA calls) and other gymnasium environments (host callbacks). Between chunks
+the host writes what the program returned:
 
 - ``metrics.csv``: a row per finished game and seed (``step``, ``seed``,
   ``episode``, ``score``, ``length``, ``epsilon``, ``loss``);

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from fdqn import envs, jax_envs
-from fdqn.config import Config
 from fdqn.compiled import make_run
+from fdqn.config import Config
 
 
 def test_xla_steps_are_the_host_env_steps_with_next_step_autoreset_and_life_loss():
@@ -90,7 +90,9 @@ def test_a_short_compiled_breakout_run_learns_from_its_frame_ring_and_reports_tr
     assert done.sum() >= 1 and np.all(returns >= 0) and np.all(returns == np.round(returns))
     assert np.isfinite(np.asarray(metrics.learner["loss"])[-1])
     after = jax.tree.map(np.asarray, state.learner.params)
-    assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)))
+    assert any(
+        np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before))
+    )
     scores = run.evaluate(state.learner.params, jax.random.key(0), 2, 0.05)
     assert scores.shape == (2,) and np.all(np.asarray(scores) >= 0)
 

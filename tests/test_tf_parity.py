@@ -126,7 +126,9 @@ def assert_gradients_close(grads, tf_grads, output_rtol=1e-4):
     wrong derivative differs by order 1. Clipping by the global norm carries that difference
     into the output layer as well, through the norm: ``output_rtol`` widens for it."""
     assert len(grads) == len(tf_grads)
-    *hidden, out_kernel, out_bias = [(np.asarray(g), np.asarray(t)) for g, t in zip(grads, tf_grads)]
+    *hidden, out_kernel, out_bias = [
+        (np.asarray(g), np.asarray(t)) for g, t in zip(grads, tf_grads)
+    ]
     for g, tf_g in (out_kernel, out_bias):
         assert np.linalg.norm(g - tf_g) <= output_rtol * np.linalg.norm(tf_g)
         assert_close(g, tf_g, rtol=output_rtol)
