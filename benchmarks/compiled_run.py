@@ -15,8 +15,9 @@ five values rejax 0.1.3 expects (done = terminated or truncated, which is
 rejax's own choice).
 
 ``--seeds`` runs S agents in one compiled program and reports aggregate
-agent steps per second. ``--minatar`` adds the ``minatar`` preset (MinAtar
-Breakout) for 1 and 10 seeds: agent steps per second of its learning phase.
+agent steps per second. ``--minatar`` runs only the ``minatar`` preset
+(MinAtar Breakout) for 1 and 10 seeds: agent steps per second of its
+learning phase.
 ``--long`` adds 500,000-step runs (compiled and rejax only: fdqn's host loop
 would take minutes per round).
 """
@@ -172,9 +173,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--long", action="store_true", help="add 500,000-step runs")
     parser.add_argument("--seeds", default="1,4,16,64", help="seed counts for the scaling run")
-    parser.add_argument("--minatar", action="store_true", help="add MinAtar Breakout")
+    parser.add_argument("--minatar", action="store_true", help="MinAtar Breakout only")
     args = parser.parse_args()
     print(f"jax {jax.__version__}, devices {jax.devices()}")
+    if args.minatar:
+        minatar(args.rounds)
+        return
     try:
         import rejax  # noqa: F401
 
@@ -189,9 +193,6 @@ def main() -> None:
         long = [Compiled(500_000)] + ([Rejax(500_000)] if have_rejax else [])
         rates = side_by_side(long, max(1, args.rounds - 1))
         report("CartPole-v1, 500,000 agent steps", long, rates)
-
-    if args.minatar:
-        minatar(args.rounds)
 
     print("\nseeds in one program, 50,000 agent steps each (aggregate agent steps/s)")
     base = None
