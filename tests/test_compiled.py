@@ -331,6 +331,7 @@ def test_minatar_needs_its_network():
         Config(env="breakout", network="minatar").validate()
 
 
+@pytest.mark.slow
 def test_the_minatar_preset_trains_compiled_from_the_command_line(tmp_path, capsys):
     from fdqn import train
 

@@ -167,6 +167,7 @@ def test_callback_env_refuses_what_dqn_cannot_take():
         jax_envs.make_callback("BreakoutNoFrameskip-v4", 1)
 
 
+@pytest.mark.slow
 def test_the_compiled_loop_trains_breakout_from_the_command_line_and_resumes(tmp_path, capsys):
     import json
 
