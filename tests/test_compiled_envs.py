@@ -190,6 +190,7 @@ def test_the_compiled_loop_trains_breakout_from_the_command_line_and_resumes(tmp
     assert os.path.isfile(os.path.join(run_dir, "model-seed1.keras"))
 
 
+@pytest.mark.slow
 def test_atari_steps_eagerly_and_in_the_compiled_scan_give_the_same_state():
     config = Config(
         env="breakout", num_envs=2, total_steps=1_000, buffer_size=200, batch_size=4,

@@ -350,7 +350,7 @@ def test_bad_construction(args, message):
 # -- the same stream into the on-device frame ring of compiled runs ----------------------
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     num_envs=st.integers(1, 4),
     extra_capacity=st.integers(0, 40),
