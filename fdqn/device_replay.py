@@ -61,17 +61,21 @@ class TransitionRing(NamedTuple):
         return self.num_envs * self.per_env
 
 
+def _check_sizes(capacity: int, num_envs: int) -> None:
+    for name, value in (("capacity", capacity), ("num_envs", num_envs)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if capacity < num_envs:
+        raise ValueError(f"capacity must be at least num_envs ({num_envs}), got {capacity}")
+
+
 def ring_init(capacity: int, num_envs: int, obs_shape: tuple[int, ...], obs_dtype=jnp.float32):
     """An empty ring of ``capacity // num_envs`` transitions per environment.
 
     Raises:
       ValueError: ``capacity`` below ``num_envs``, or a bad shape.
     """
-    for name, value in (("capacity", capacity), ("num_envs", num_envs)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if capacity < num_envs:
-        raise ValueError(f"capacity must be at least num_envs ({num_envs}), got {capacity}")
+    _check_sizes(capacity, num_envs)
     obs_shape = tuple(obs_shape)
     if not obs_shape or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in obs_shape):
         raise ValueError(f"obs_shape must be one or more positive integers, got {obs_shape}")
@@ -168,11 +172,7 @@ def frame_ring_init(capacity: int, num_envs: int, obs_shape: tuple[int, ...]) ->
     Raises:
       ValueError: ``capacity`` below ``num_envs``, or a bad shape.
     """
-    for name, value in (("capacity", capacity), ("num_envs", num_envs)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if capacity < num_envs:
-        raise ValueError(f"capacity must be at least num_envs ({num_envs}), got {capacity}")
+    _check_sizes(capacity, num_envs)
     obs_shape = tuple(obs_shape)
     if len(obs_shape) < 2 or not all(
         isinstance(d, (int, np.integer)) and d >= 1 for d in obs_shape

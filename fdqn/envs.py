@@ -280,31 +280,56 @@ def make(
         raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
     spec = parse_atari_id(env_id)
     if spec is not None:
-        sticky = spec.repeat_action_probability
-        if repeat_action_probability is not None:
-            sticky = repeat_action_probability
-        if not 0.0 <= sticky <= 1.0:
-            raise ValueError(f"repeat_action_probability must be in [0, 1], got {sticky}")
-        from ale_py.vector_env import AtariVectorEnv
-
-        env = AtariVectorEnv(
-            spec.game,
+        env = atari_vector_env(
+            spec,
             int(num_envs),
-            num_threads=num_threads,
-            repeat_action_probability=sticky,
+            repeat_action_probability=repeat_action_probability,
             noop_max=noop_max,
             frameskip=frameskip,
-            stack_num=stack,
-            max_num_frames_per_episode=max_episode_frames,
-            episodic_life=False,
-            life_loss_info=False,
-            reward_clipping=False,
-            use_fire_reset=True,
+            stack=stack,
+            max_episode_frames=max_episode_frames,
+            num_threads=num_threads,
         )
         return _LearningReward(_EpisodeStatistics(_LifeLossInfo(env)), clip=clip_rewards)
     check_env_id(env_id)
     env = gym.make_vec(env_id, num_envs=int(num_envs), vectorization_mode="sync")
     return _LearningReward(_NoLives(_EpisodeStatistics(env)), clip=False)
+
+
+def atari_vector_env(
+    spec: AtariSpec,
+    num_envs: int,
+    *,
+    repeat_action_probability: float | None,
+    noop_max: int,
+    frameskip: int,
+    stack: int,
+    max_episode_frames: int,
+    num_threads: int,
+):
+    """ale-py's ``AtariVectorEnv`` with the preprocessing :func:`make` describes, unwrapped:
+    raw rewards, no life-loss signal of its own, sticky actions by default from the id."""
+    sticky = spec.repeat_action_probability
+    if repeat_action_probability is not None:
+        sticky = repeat_action_probability
+    if not 0.0 <= sticky <= 1.0:
+        raise ValueError(f"repeat_action_probability must be in [0, 1], got {sticky}")
+    from ale_py.vector_env import AtariVectorEnv
+
+    return AtariVectorEnv(
+        spec.game,
+        num_envs,
+        num_threads=num_threads,
+        repeat_action_probability=sticky,
+        noop_max=noop_max,
+        frameskip=frameskip,
+        stack_num=stack,
+        max_num_frames_per_episode=max_episode_frames,
+        episodic_life=False,
+        life_loss_info=False,
+        reward_clipping=False,
+        use_fire_reset=True,
+    )
 
 
 def episode_stats(info: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -291,11 +291,6 @@ def make_atari(
         raise ValueError(f"{env_id!r} is not an Atari game id (see fdqn.envs.list_env_ids())")
     if not isinstance(num_envs, int) or isinstance(num_envs, bool) or num_envs < 1:
         raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-    sticky = spec.repeat_action_probability
-    if repeat_action_probability is not None:
-        sticky = repeat_action_probability
-    if not 0.0 <= sticky <= 1.0:
-        raise ValueError(f"repeat_action_probability must be in [0, 1], got {sticky}")
     options = dict(
         repeat_action_probability=repeat_action_probability,
         terminal_on_life_loss=terminal_on_life_loss,
@@ -306,21 +301,15 @@ def make_atari(
         max_episode_frames=max_episode_frames,
         num_threads=num_threads,
     )
-    from ale_py.vector_env import AtariVectorEnv
-
-    vector_env = AtariVectorEnv(
-        spec.game,
+    vector_env = envs.atari_vector_env(
+        spec,
         num_envs,
-        num_threads=num_threads,
-        repeat_action_probability=sticky,
+        repeat_action_probability=repeat_action_probability,
         noop_max=noop_max,
         frameskip=frameskip,
-        stack_num=stack,
-        max_num_frames_per_episode=max_episode_frames,
-        episodic_life=False,
-        life_loss_info=False,
-        reward_clipping=False,
-        use_fire_reset=True,
+        stack=stack,
+        max_episode_frames=max_episode_frames,
+        num_threads=num_threads,
     )
     handle, xla_reset, xla_step = vector_env.xla()
     return AtariXlaEnv(
