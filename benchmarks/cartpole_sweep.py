@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from fdqn.compiled import make_run  # noqa: E402
-from fdqn.config import Config, PRESETS  # noqa: E402
+from fdqn.config import PRESETS, Config  # noqa: E402
 from fdqn.learner import make_optimizer  # noqa: E402
 
 SEEDS = list(range(1, 11))

@@ -10,9 +10,14 @@ state, counters and PRNG keys. Nothing leaves the device inside the scan.
 
 Many seeds train in one program: :meth:`CompiledRun.init` with a list of
 seeds stacks their states along a leading axis and :meth:`CompiledRun.run`
-maps the step over it with ``jax.vmap``. Each seed has its own initial
-weights, environment and exploration keys; the result of a seed does not
-depend on which others run beside it.
+maps the step over it with ``jax.vmap``. gymnax environments are mapped
+with the rest. Environments on the host (Atari, gymnasium callbacks) cannot
+be: there one vector env of ``num_seeds x num_envs`` games is stepped once
+per step, its batch split into one block of ``num_envs`` per seed, while
+acting and learning are mapped over the seeds; its state, shared by all
+seeds, stays outside the seed axis. Each seed has its own initial weights,
+environments and exploration keys; the result of a seed does not depend on
+which others run beside it.
 
 Within a step the order is: epsilon from the agent step count, epsilon-
 greedy actions of the online network, the environment step, the replay
@@ -86,10 +91,16 @@ class CompiledRun:
     """
 
     config: Config
-    env: jax_envs.JaxVecEnv | jax_envs.AtariXlaEnv
+    env: jax_envs.JaxVecEnv | jax_envs.AtariXlaEnv | jax_envs.CallbackVecEnv
     model: Any  # the Keras network whose weights the seeds start from
     q_fn: Any
     optimizer: Any
+    blocks: int = 1  # host envs: the seeds whose games env.num_envs holds, num_envs each
+
+    @property
+    def num_envs(self) -> int:
+        """Environments per seed."""
+        return self.env.num_envs // self.blocks
 
     # -- the initial state --------------------------------------------------------
 
@@ -98,57 +109,100 @@ class CompiledRun:
 
         Initial weights are the Keras network's, drawn with the seed (as
         :func:`fdqn.config.make_network` does); environment, exploration and
-        replay sampling keys come from ``jax.random.key(seed)``.
+        replay sampling keys come from ``jax.random.key(seed)``. On host
+        environments the seeds are the run's ``blocks``: as many as its
+        vector env was made for (``num_seeds`` of the config).
         """
-        if isinstance(seeds, (list, tuple)):
-            if not seeds:
-                raise ValueError("seeds must not be empty")
-            if not _vmappable(self.env) and len(seeds) > 1:
-                kind = "Atari" if self.env.frame_stack else "a host gymnasium env"
-                raise ValueError(
-                    "several seeds in one program run on gymnax environments; "
-                    f"{self.env.env_id} is {kind}: one seed per run"
-                )
-            states = [self.init(int(s)) for s in seeds]
-            return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
-        if not isinstance(seeds, int) or isinstance(seeds, bool) or not 0 <= seeds < 2**31:
-            raise ValueError(f"seed must be an integer in [0, 2**31), got {seeds!r}")
-        _, params = pure_q_fn(_network(self.config, self.env, seeds))
+        many = isinstance(seeds, (list, tuple))
+        for seed in seeds if many else [seeds]:
+            if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**31:
+                raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
+        if many and not seeds:
+            raise ValueError("seeds must not be empty")
+        if not _vmappable(self.env) and (len(seeds) if many else 1) != self.blocks:
+            raise ValueError(
+                f"this run steps {self.blocks} seed(s) of {self.env.env_id} as one vector env "
+                f"of {self.env.num_envs}: init it with {self.blocks} seed(s), got {seeds!r}"
+            )
+        if not many:
+            state, reset_key = self._init_agent(seeds)
+            obs, env_state = self.env.reset(reset_key)
+            return self._with_envs(state, obs, env_state)
+        if _vmappable(self.env):
+            return _stack([self.init(s) for s in seeds])
+        agents, reset_keys = zip(*(self._init_agent(s) for s in seeds))
+        obs, env_state = self.env.reset(jnp.stack(reset_keys))  # a block of games per seed
+        state = jax.vmap(self._with_envs, in_axes=(0, 0, None))(
+            _stack(agents), obs.reshape(len(seeds), self.num_envs, *obs.shape[1:]), None
+        )
+        return state._replace(env_state=env_state)
+
+    def _init_agent(self, seed: int) -> tuple[RunState, jax.Array]:
+        """A seed's state without its environments, and the key that resets them."""
+        _, params = pure_q_fn(_network(self.config, self.env, seed))
         learner = TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             target_params=jax.tree.map(jnp.copy, params),
             opt_state=self.optimizer.init(params),
-            key=jax.random.key(seeds),
+            key=jax.random.key(seed),
             q_fn=self.q_fn,
             optimizer=self.optimizer,
         )
-        key, reset_key = jax.random.split(jax.random.fold_in(jax.random.key(seeds), 1))
-        obs, env_state = self.env.reset(reset_key)
-        n = self.env.num_envs
-        return RunState(
+        key, reset_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
+        n = self.num_envs
+        state = RunState(
             learner=learner,
-            replay=self._replay_start(obs),
-            env_state=env_state,
-            obs=obs,
+            replay=None,
+            env_state=None,
+            obs=None,
             episode_return=jnp.zeros(n, jnp.float32),
             episode_length=jnp.zeros(n, jnp.int32),
             counters=Counters(*(jnp.zeros((), jnp.int32) for _ in Counters._fields)),
             key=key,
             learner_metrics={k: jnp.full((), jnp.nan, jnp.float32) for k in _LEARNER_METRICS},
         )
+        return state, reset_key
+
+    def _with_envs(self, state: RunState, obs: jax.Array, env_state: Any) -> RunState:
+        return state._replace(replay=self._replay_start(obs), env_state=env_state, obs=obs)
 
     # -- one step -----------------------------------------------------------------
 
     def step(self, state: RunState) -> tuple[RunState, StepMetrics]:
         """One agent step of all environments, and the learning due after it (pure)."""
-        config, n = self.config, self.env.num_envs
+        action, epsilon, keys = self._act(state)
+        out = self.env.step(keys[1], state.env_state, action)
+        return self._after_env_step(state, action, epsilon, keys, out)
+
+    def step_blocks(self, state: RunState) -> tuple[RunState, StepMetrics]:
+        """:meth:`step` of every seed of a host environment, ``state`` on a seed axis.
+
+        The seeds act at once (``vmap``), their actions form one batch of the
+        vector env, and each seed's block of the result goes to its own
+        learning. ``state.env_state``, the env's, has no seed axis.
+        """
+        agents = state._replace(env_state=None)
+        action, epsilon, keys = jax.vmap(self._act)(agents)
+        out = self.env.step(keys[1][0], state.env_state, action.reshape(-1))
+        blocks = jax.tree.map(
+            lambda x: x.reshape(self.blocks, self.num_envs, *x.shape[1:]), out._replace(state=None)
+        )
+        agents, metrics = jax.vmap(self._after_env_step)(agents, action, epsilon, keys, blocks)
+        return agents._replace(env_state=out.state), metrics
+
+    def _act(self, state: RunState):
+        """Epsilon from the step count and the epsilon-greedy actions of the online network."""
         key, act_key, env_key, learn_key = jax.random.split(state.key, 4)
-        counters = state.counters
-        epsilon = epsilon_schedule(config)(counters.agent_steps)
-        learner = state.learner
-        action = epsilon_greedy(act_key, learner.q_fn(learner.params, state.obs), epsilon)
-        out = self.env.step(env_key, state.env_state, action)
+        epsilon = epsilon_schedule(self.config)(state.counters.agent_steps)
+        q = state.learner.q_fn(state.learner.params, state.obs)
+        return epsilon_greedy(act_key, q, epsilon), epsilon, (key, env_key, learn_key)
+
+    def _after_env_step(self, state, action, epsilon, keys, out):
+        """The replay write, the updates due, the target sync and the counters."""
+        config, n = self.config, self.num_envs
+        key, _, learn_key = keys
+        counters, learner = state.counters, state.learner
         replay = self._replay_add(state.replay, state.obs, action, out)
         step = counters.agent_steps + n
         learning = (step >= config.learning_starts) & (
@@ -216,7 +270,7 @@ class CompiledRun:
     # -- the replay: whole transitions, or one frame per step for frame stacks ---
 
     def _replay_start(self, obs):
-        n, capacity = self.env.num_envs, self.config.buffer_size
+        n, capacity = self.num_envs, self.config.buffer_size
         if not self.env.frame_stack:
             dtype = getattr(self.env, "replay_dtype", jnp.float32)
             return dr.ring_init(capacity, n, self.env.obs_shape, dtype)
@@ -278,21 +332,25 @@ class CompiledRun:
         new first frames), so no transition spans it; the replay, learner, counters and keys
         are kept. gymnax runs never need this: their env state is in the carry."""
         batched = state.counters.agent_steps.ndim == 1
-        one = jax.tree.map(lambda x: x[0], state) if batched else state
-        key = jax.random.fold_in(one.key, one.counters.agent_steps)
-        obs, env_state = self.env.reset(key)
-        replay = one.replay
-        if self.env.frame_stack:
-            zeros = jnp.zeros(self.env.num_envs, jnp.int32)
-            replay = dr.frame_ring_add(replay, obs, zeros, zeros, zeros > 0, zeros == 0)
-        one = one._replace(
-            replay=replay,
-            env_state=env_state,
-            obs=obs,
-            episode_return=jnp.zeros_like(one.episode_return),
-            episode_length=jnp.zeros_like(one.episode_length),
-        )
-        return jax.tree.map(lambda x: x[None], one) if batched else one
+        agents = _seed_axis(state) if not batched else state._replace(env_state=None)
+        keys = jax.vmap(jax.random.fold_in)(agents.key, agents.counters.agent_steps)
+        obs, env_state = self.env.reset(keys)  # a block of new games per seed
+        obs = obs.reshape(self.blocks, self.num_envs, *obs.shape[1:])
+
+        def restart(one, obs):
+            replay = one.replay
+            if self.env.frame_stack:
+                zeros = jnp.zeros(self.num_envs, jnp.int32)
+                replay = dr.frame_ring_add(replay, obs, zeros, zeros, zeros > 0, zeros == 0)
+            return one._replace(
+                replay=replay,
+                obs=obs,
+                episode_return=jnp.zeros_like(one.episode_return),
+                episode_length=jnp.zeros_like(one.episode_length),
+            )
+
+        agents = jax.vmap(restart)(agents, obs)._replace(env_state=env_state)
+        return agents if batched else _no_seed_axis(agents)
 
     @property
     def exact_resume(self) -> bool:
@@ -300,8 +358,8 @@ class CompiledRun:
         return _vmappable(self.env)
 
     def steps_for(self, agent_steps: int) -> int:
-        """Steps of all environments that reach ``agent_steps`` (rounded up)."""
-        return -(-agent_steps // self.env.num_envs)
+        """Steps of all environments that reach ``agent_steps`` of a seed (rounded up)."""
+        return -(-agent_steps // self.num_envs)
 
 
 def _vmappable(env) -> bool:
@@ -309,40 +367,63 @@ def _vmappable(env) -> bool:
     return isinstance(env, jax_envs.JaxVecEnv)
 
 
-def _over_seeds(fn, env):
-    """``fn`` mapped over a leading seed axis: ``vmap``, or for one seed of an env that
-    cannot be mapped, ``fn`` of that seed with the axis taken off and put back."""
-    if _vmappable(env):
-        return jax.vmap(fn)
+def _stack(states):
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
-    def one(*args):
-        out = fn(*jax.tree.map(lambda x: x[0], args))
-        return jax.tree.map(lambda x: x[None], out)
 
-    return one
+def _seed_axis(state: RunState) -> RunState:
+    """A one-seed state of a host environment as a seed axis of one (the env's state as is)."""
+    return jax.tree.map(lambda x: x[None], state._replace(env_state=None))._replace(
+        env_state=state.env_state
+    )
+
+
+def _no_seed_axis(state: RunState) -> RunState:
+    return jax.tree.map(lambda x: x[0], state._replace(env_state=None))._replace(
+        env_state=state.env_state
+    )
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(run: CompiledRun, num_steps: int, batched: bool):
-    def scan(state):
-        def body(state, _):
-            return run.step(state)
+    if _vmappable(run.env):
 
-        return jax.lax.scan(body, state, length=num_steps)
+        def scan(state):
+            return jax.lax.scan(lambda s, _: run.step(s), state, length=num_steps)
 
-    return jax.jit(_over_seeds(scan, run.env) if batched else scan, donate_argnums=0)
+        return jax.jit(jax.vmap(scan) if batched else scan, donate_argnums=0)
+
+    def blocks(state):  # metrics (num_seeds, num_steps, ...) as vmap of a scan gives them
+        state, metrics = jax.lax.scan(lambda s, _: run.step_blocks(s), state, length=num_steps)
+        return state, jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), metrics)
+
+    def one_seed(state):
+        state, metrics = blocks(_seed_axis(state))
+        return _no_seed_axis(state), jax.tree.map(lambda x: x[0], metrics)
+
+    return jax.jit(blocks if batched else one_seed, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=32)
 def _evaluator(run: CompiledRun, episodes: int, epsilon: float, batched: bool):
-    env = run.env.resized(episodes)
+    """Greedy-ish games: one seed's, or (``batched``) every seed's on its own games.
+
+    gymnax games map over the seeds with the rest; host games of all seeds are
+    one vector env of ``blocks x episodes``, a block per seed.
+    """
+    vmappable = _vmappable(run.env)
+    seeds = 1 if vmappable or not batched else run.blocks
+    env = run.env.resized(seeds * episodes)
     limit = env.max_episode_steps + 1  # + 1: a next-step autoreset takes a step more
 
-    def play(params, key):
-        key, reset_key = jax.random.split(key)
-        obs, env_state = env.reset(reset_key)
-        zeros = jnp.zeros(episodes, jnp.float32)
-        ended = jnp.zeros(episodes, bool)
+    def act(params, key, obs):
+        key, act_key, env_key = jax.random.split(key, 3)
+        return key, env_key, epsilon_greedy(act_key, run.q_fn(params, obs), epsilon)
+
+    def play(params, key):  # params and key with a seed axis of `seeds`
+        key, reset_key = jax.vmap(jax.random.split, out_axes=1)(key)
+        obs, env_state = env.reset(reset_key[0] if vmappable else reset_key)
+        ended = jnp.zeros(seeds * episodes, bool)
 
         def unfinished(carry):
             t, *_, ended = carry
@@ -350,17 +431,23 @@ def _evaluator(run: CompiledRun, episodes: int, epsilon: float, batched: bool):
 
         def step(carry):
             t, key, obs, env_state, returns, ended = carry
-            key, act_key, env_key = jax.random.split(key, 3)
-            action = epsilon_greedy(act_key, run.q_fn(params, obs), epsilon)
-            out = env.step(env_key, env_state, action)
+            blocks = obs.reshape(seeds, episodes, *obs.shape[1:])
+            key, env_key, action = jax.vmap(act)(params, key, blocks)
+            out = env.step(env_key[0], env_state, action.reshape(-1))
             returns = returns + jnp.where(ended, 0.0, out.score)
             ended = ended | out.done
             return t + 1, key, out.obs, out.state, returns, ended
 
-        carry = (jnp.zeros((), jnp.int32), key, obs, env_state, zeros, ended)
-        return jax.lax.while_loop(unfinished, step, carry)[4]
+        returns = jnp.zeros(seeds * episodes, jnp.float32)
+        carry = (jnp.zeros((), jnp.int32), key, obs, env_state, returns, ended)
+        return jax.lax.while_loop(unfinished, step, carry)[4].reshape(seeds, episodes)
 
-    return jax.jit(_over_seeds(play, env) if batched else play)
+    def one(params, key):
+        return play(*jax.tree.map(lambda x: x[None], (params, key)))[0]
+
+    if vmappable:
+        return jax.jit(jax.vmap(one) if batched else one)
+    return jax.jit(play if batched else one)
 
 
 def _network(config: Config, env, seed: int | None):
@@ -378,8 +465,9 @@ def _network(config: Config, env, seed: int | None):
 def make_env(config: Config):
     """The environment of a compiled run of ``config``.
 
-    gymnax for its ids, Atari through ale-py's XLA calls, any other
-    gymnasium id through host callbacks.
+    gymnax for its ids (``num_envs`` of them: seeds map over them), Atari
+    through ale-py's XLA calls, any other gymnasium id through host callbacks
+    (``num_seeds x num_envs`` in one vector env).
 
     Raises:
       ValueError: an id neither gymnax, Atari nor gymnasium knows.
@@ -389,20 +477,22 @@ def make_env(config: Config):
         return jax_envs.make(config.env, config.num_envs)
     from fdqn import envs
 
+    n = config.num_seeds * config.num_envs  # one vector env: a block of num_envs per seed
     if envs.is_atari(config.env):
         return jax_envs.make_atari(
             config.env,
-            config.num_envs,
+            n,
             repeat_action_probability=None if config.sticky_actions < 0 else config.sticky_actions,
             terminal_on_life_loss=config.terminal_on_life_loss,
         )
-    return jax_envs.make_callback(config.env, config.num_envs)
+    return jax_envs.make_callback(config.env, n)
 
 
 def make_run(config: Config, env=None, cpu_layers: bool = False) -> CompiledRun:
     """The compiled run of a validated ``config`` on a JAX-native environment.
 
-    ``env`` defaults to :func:`make_env` of the config. ``cpu_layers``
+    ``env`` defaults to :func:`make_env` of the config; a host environment
+    must hold ``num_seeds x num_envs`` games. ``cpu_layers``
     computes the network through :func:`fdqn.cpu.space_to_depth_model` (the
     same parameters), as :func:`fdqn.train.build` does.
 
@@ -412,6 +502,14 @@ def make_run(config: Config, env=None, cpu_layers: bool = False) -> CompiledRun:
     """
     config = config.validate()
     env = env if env is not None else make_env(config)
+    blocks = 1
+    if not _vmappable(env):
+        blocks = config.num_seeds
+        if env.num_envs != blocks * config.num_envs:
+            raise ValueError(
+                f"{env.env_id}: the env holds {env.num_envs} games; {blocks} seed(s) of "
+                f"--num-envs {config.num_envs} need one of {blocks * config.num_envs}"
+            )
     model = _network(config, env, seed=config.seed)
     if cpu_layers:
         from fdqn import cpu
@@ -422,4 +520,6 @@ def make_run(config: Config, env=None, cpu_layers: bool = False) -> CompiledRun:
     optimizer = make_optimizer(
         config.optimizer, config.lr, clip=config.clip, max_grad_norm=config.max_grad_norm
     )
-    return CompiledRun(config=config, env=env, model=model, q_fn=q_fn, optimizer=optimizer)
+    return CompiledRun(
+        config=config, env=env, model=model, q_fn=q_fn, optimizer=optimizer, blocks=blocks
+    )

@@ -61,12 +61,13 @@ class Config:
     )
     total_steps: int = _field(10_000_000, "agent steps to train for, over all environments")
     total_episodes: int = _field(0, "stop after this many finished games as well (0: no limit)")
-    num_envs: int = _field(8, "environments stepped together as one batch")
+    num_envs: int = _field(8, "environments stepped together as one batch (of each seed)")
     seed: int = _field(1, "seed of environments, initial weights, exploration and replay")
     num_seeds: int = _field(
         1,
         "agents trained at once, seeds --seed, --seed+1, ..., in one compiled program "
-        "(JAX-native environments: gymnax)",
+        "(gymnax envs map over the seeds; Atari and gymnasium envs are one vector env of "
+        "num_seeds x num_envs, a block per seed)",
     )
     loop: str = _field(
         "host",
@@ -200,12 +201,6 @@ class Config:
             atari = envs.check_env_id(self.env)
         except ValueError as e:
             raise ConfigError("env", str(e)) from None
-        if self.num_seeds > 1 and not jax_envs.is_jax_env(self.env):
-            raise ConfigError(
-                "num_seeds",
-                f"more than one seed runs on JAX-native environments "
-                f"({', '.join(jax_envs.GYMNAX_IDS[:3])}); {self.env} is not one",
-            )
         if atari and self.network in ("mlp", "minatar"):
             raise ConfigError("network", f"{self.env} gives images: use nature or notebook")
         if not atari and self.network != "mlp":

@@ -1,6 +1,6 @@
 """Environments stepped inside compiled code, batched, for runs compiled whole inside ``lax.scan``.
 
-Two kinds share one interface (``reset(key) -> (obs, state)``,
+Three kinds share one interface (``reset(key) -> (obs, state)``,
 ``step(key, state, action) -> EnvStep``, ``num_envs``, ``obs_shape``,
 ``num_actions``, ``frame_stack``):
 
@@ -196,6 +196,22 @@ class AtariXlaState(NamedTuple):
     ended: jax.Array
 
 
+def _blocks_of(key: jax.Array, num_envs: int) -> jax.Array:
+    """``key`` as a vector of ``B`` keys, one per block of ``num_envs // B`` envs."""
+    keys = key.reshape(-1)
+    if num_envs % keys.shape[0]:
+        raise ValueError(f"{keys.shape[0]} keys do not split {num_envs} envs into equal blocks")
+    return keys
+
+
+def _block_seeds(key: jax.Array, num_envs: int) -> jax.Array:
+    """``(num_envs,)`` int32 seeds: each key's block drawn as one key draws a whole env's."""
+    keys = _blocks_of(key, num_envs)
+    per = num_envs // keys.shape[0]
+    draw = jax.vmap(lambda k: jax.random.randint(k, (per,), 0, 2**31 - 1, dtype=jnp.int32))
+    return draw(keys).reshape(-1)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class AtariXlaEnv:
     """``num_envs`` Atari games through ale-py's XLA custom calls, stepped in compiled code.
@@ -225,8 +241,12 @@ class AtariXlaEnv:
     xla_step: Any = dataclasses.field(repr=False)
 
     def reset(self, key: jax.Array) -> tuple[jax.Array, AtariXlaState]:
-        """Starts every game anew (seeds drawn from ``key``); uint8 stacks and the state."""
-        seeds = jax.random.randint(key, (self.num_envs,), 0, 2**31 - 1, dtype=jnp.int32)
+        """Starts every game anew; uint8 stacks and the state.
+
+        The games' seeds are drawn from ``key``; given ``B`` keys, each seeds a
+        block of ``num_envs // B`` games as one key seeds an env of that many.
+        """
+        seeds = _block_seeds(key, self.num_envs)
         handle, (obs, info) = self.xla_reset(self.handle, seed=seeds)
         lives = info["lives"].astype(jnp.int32)
         return obs, AtariXlaState(handle, lives, jnp.zeros(self.num_envs, bool))
@@ -339,7 +359,8 @@ class CallbackVecEnv:
     last one in ``final_obs``), so the replay takes whole transitions as for
     gymnax. The env's state lives on the host; the carry holds a step count
     that orders the calls. Being ordered, the calls cannot be ``vmap``-ped:
-    one seed per program. Hashed by identity. Made by :func:`make_callback`.
+    several seeds share one such env, a block of envs each (:meth:`reset`
+    takes a key per block). Hashed by identity. Made by :func:`make_callback`.
     """
 
     env_id: str
@@ -350,8 +371,9 @@ class CallbackVecEnv:
     vector_env: Any = dataclasses.field(repr=False)
     frame_stack = 0
 
-    def _host_reset(self, seed):
-        obs, _ = self.vector_env.reset(seed=int(seed))
+    def _host_reset(self, starts):
+        per = self.num_envs // len(starts)
+        obs, _ = self.vector_env.reset(seed=[int(s) + i for s in starts for i in range(per)])
         return np.asarray(obs, np.float32)
 
     def _host_step(self, action):
@@ -366,10 +388,16 @@ class CallbackVecEnv:
         return obs, final, np.asarray(reward, np.float32), terminated, truncated
 
     def reset(self, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """First observations (the host env seeded from ``key``) and the step count 0."""
-        seed = jax.random.randint(key, (), 0, 2**31 - 1, dtype=jnp.int32)
+        """First observations and the step count 0.
+
+        The host env is seeded from ``key`` as gymnasium seeds from one
+        integer ``s`` (``s, s + 1, ...``); given ``B`` keys, each seeds a block
+        of ``num_envs // B`` envs so.
+        """
+        draw = jax.vmap(lambda k: jax.random.randint(k, (), 0, 2**31 - 1, dtype=jnp.int32))
+        starts = draw(_blocks_of(key, self.num_envs))
         shape = jax.ShapeDtypeStruct((self.num_envs, *self.obs_shape), jnp.float32)
-        obs = io_callback(self._host_reset, shape, seed, ordered=True)
+        obs = io_callback(self._host_reset, shape, starts, ordered=True)
         return obs, jnp.zeros((), jnp.int32)
 
     def step(self, key: jax.Array, state: jax.Array, action: jax.Array) -> EnvStep:

@@ -1,9 +1,10 @@
 """The compiled training loop from the command line: ``--loop compiled``, ``--num-seeds S``.
 
-The run is :mod:`fdqn.compiled`'s, compiled in chunks of agent steps: many
-seeds in one program on gymnax environments, one seed on Atari (ale-py's
-XLA calls) and other gymnasium environments (host callbacks). Between chunks
-the host writes what the program returned:
+The run is :mod:`fdqn.compiled`'s, compiled in chunks of agent steps, with
+many seeds in one program: gymnax environments map over the seeds, Atari
+(ale-py's XLA calls) and other gymnasium environments (host callbacks) are
+one vector env with a block of games per seed. Between chunks the host
+writes what the program returned:
 
 - ``metrics.csv``: a row per finished game and seed (``step``, ``seed``,
   ``episode``, ``score``, ``length``, ``epsilon``, ``loss``);
@@ -67,7 +68,7 @@ def train_seeds(
     end) hold the whole :class:`fdqn.compiled.RunState` of every seed, the
     environments' states included, so ``resume`` continues the run exactly:
     the same steps give the same bits as a run straight through. Atari and
-    gymnasium environments (one seed) keep their games on the host: a resumed
+    gymnasium environments keep their games on the host: a resumed
     run starts new ones (:meth:`fdqn.compiled.CompiledRun.restart_envs`).
     ``cpu_layers`` is :func:`fdqn.compiled.make_run`'s.
     """

@@ -256,13 +256,14 @@ def test_a_resumed_seeds_run_is_bit_identical_to_a_straight_one(tmp_path, capsys
     assert rows[0] == rows[1]
 
 
-def test_num_seeds_needs_a_jax_native_environment(tmp_path, capsys):
+def test_num_seeds_must_be_positive(tmp_path, capsys):
     from fdqn import train
 
-    code = train.main(["--num-seeds", "2", "--run-dir", str(tmp_path / "r"), "--no-cpu-tuning"])
+    code = train.main(["--num-seeds", "0", "--run-dir", str(tmp_path / "r"), "--no-cpu-tuning"])
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--num-seeds: more than one seed runs on JAX-native" in err[0]
+    assert err == ["fdqn.train: error: --num-seeds: must be a positive integer, got 0"]
+    assert not os.path.exists(tmp_path / "r")
 
 
 def test_sigint_checkpoints_a_seeds_run_and_resume_continues_it(tmp_path, monkeypatch, capsys):

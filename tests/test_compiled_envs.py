@@ -97,10 +97,48 @@ def test_a_short_compiled_breakout_run_learns_from_its_frame_ring_and_reports_tr
     assert scores.shape == (2,) and np.all(np.asarray(scores) >= 0)
 
 
-def test_several_seeds_on_atari_are_refused():
+def test_atari_seeds_in_one_vector_env_equal_single_seed_runs_and_differ():
+    # 2 seeds x 2 games: one vector env of 4, a block of 2 per seed, the learners vmapped
+    config = Config(
+        env="breakout", num_envs=2, num_seeds=2, total_steps=1_000, buffer_size=200,
+        batch_size=4, learning_starts=8, train_every=4, target_update=12, epsilon_end=1.0,
+        eval_every=0, checkpoint_every=0,
+    )  # fmt: skip
+    run = make_run(config)
+    assert (run.env.num_envs, run.num_envs, run.blocks) == (4, 2, 2)
+    seeds = [4, 9]
+    together, metrics = run.run(run.init(seeds), 30)
+    assert int(together.counters.updates[1]) == (60 - 8) // 4 + 1
+    keys = jax.random.split(jax.random.key(0), 2)
+    scores = np.asarray(run.evaluate(together.learner.params, keys, 1, 0.5))
+    one = make_run(config.replace(num_seeds=1))
+    for i, seed in enumerate(seeds):
+        alone, alone_metrics = one.run(one.init(seed), 30)
+        # the same games: the same frames, actions and episode ends, bit for bit
+        np.testing.assert_array_equal(alone.replay.frames, together.replay.frames[i])
+        np.testing.assert_array_equal(alone.replay.action, together.replay.action[i])
+        np.testing.assert_array_equal(alone_metrics.done, metrics.done[i])
+        for a, b in zip(alone.learner.params, together.learner.params):
+            # batched convolutions round differently in the last bits, nothing more
+            np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6)
+        alone_score = one.evaluate(alone.learner.params, keys[i], 1, 0.5)
+        np.testing.assert_array_equal(alone_score, scores[i])
+    frames = np.asarray(together.replay.frames)
+    assert not np.array_equal(frames[0], frames[1])
+    assert not np.allclose(together.learner.params[0][0], together.learner.params[0][1])
+    # a resumed run's new games: every seed's block marked as a start in its own ring
+    restarted = run.restart_envs(together)
+    assert restarted.obs.shape == (2, 2, 4, 84, 84)
+    writes = int(together.replay.writes[0])
+    np.testing.assert_array_equal(np.asarray(restarted.replay.first)[:, :, writes], True)
+
+
+def test_host_env_runs_take_as_many_seeds_as_their_env_was_made_for():
     config = Config(env="breakout", num_envs=1, buffer_size=100, batch_size=8, total_steps=100)
-    with pytest.raises(ValueError, match="Atari: one seed per run"):
+    with pytest.raises(ValueError, match=r"init it with 1 seed\(s\), got \[1, 2\]"):
         make_run(config).init([1, 2])
+    with pytest.raises(ValueError, match=r"the env holds 3 games; 2 seed\(s\) of --num-envs 1"):
+        make_run(config.replace(num_seeds=2), env=jax_envs.make_callback("CartPole-v1", 3))
 
 
 # -- gymnasium through host callbacks --------------------------------------------------
@@ -156,8 +194,30 @@ def test_a_compiled_run_on_host_callbacks_counts_episodes_and_learns():
     assert any(np.abs(np.asarray(a) - b).max() > 0 for a, b in zip(state.learner.params, before))
     scores = np.asarray(run.evaluate(state.learner.params, jax.random.key(0), 3, 0.0))
     assert scores.shape == (3,) and np.all(scores >= 8)  # CartPole never ends before step 8
-    with pytest.raises(ValueError, match="host gymnasium env: one seed per run"):
-        run.init([1, 2])
+
+
+def test_callback_seeds_in_one_vector_env_equal_single_seed_runs():
+    config = Config(
+        env="CartPole-v1", network="mlp", hidden=(16, 16), num_envs=3, num_seeds=2,
+        total_steps=2_000, batch_size=16, buffer_size=400, learning_starts=40, train_every=2,
+        target_update=30, eval_every=0, checkpoint_every=0,
+    )  # fmt: skip
+    run = make_run(config, env=jax_envs.make_callback("CartPole-v1", 6))
+    together, metrics = run.run(run.init([4, 9]), 60)
+    keys = jax.random.split(jax.random.key(0), 2)
+    scores = np.asarray(run.evaluate(together.learner.params, keys, 3, 0.0))
+    one = make_run(config.replace(num_seeds=1), env=jax_envs.make_callback("CartPole-v1", 3))
+    for i, seed in enumerate([4, 9]):
+        alone, alone_metrics = one.run(one.init(seed), 60)
+        np.testing.assert_array_equal(alone_metrics.done, metrics.done[i])
+        np.testing.assert_array_equal(alone_metrics.episode_return, metrics.episode_return[i])
+        for a, b in zip(alone.learner.params, together.learner.params):
+            np.testing.assert_allclose(a, b[i], rtol=1e-5, atol=1e-6)
+        alone_scores = one.evaluate(alone.learner.params, keys[i], 3, 0.0)
+        np.testing.assert_array_equal(alone_scores, scores[i])
+    returns = np.asarray(metrics.episode_return)[np.asarray(metrics.done)]
+    assert len(returns) > 2
+    assert not np.array_equal(np.asarray(metrics.done)[0], np.asarray(metrics.done)[1])
 
 
 def test_callback_env_refuses_what_dqn_cannot_take():
@@ -168,13 +228,13 @@ def test_callback_env_refuses_what_dqn_cannot_take():
 
 
 @pytest.mark.slow
-def test_the_compiled_loop_trains_breakout_from_the_command_line_and_resumes(tmp_path, capsys):
+def test_two_seeds_train_breakout_compiled_from_the_command_line_and_resume(tmp_path, capsys):
     import json
 
     from fdqn import train
 
     run_dir = str(tmp_path / "run")
-    args = ["--env", "breakout", "--loop", "compiled", "--num-envs", "2", "--buffer-size", "400",
+    args = ["--env", "breakout", "--num-seeds", "2", "--num-envs", "2", "--buffer-size", "400",
             "--batch-size", "8", "--learning-starts", "100", "--eval-every", "0",
             "--checkpoint-every", "200", "--log-every", "100", "--eval-episodes", "1",
             "--epsilon-end", "1.0", "--no-cpu-tuning"]  # fmt: skip
@@ -188,6 +248,7 @@ def test_the_compiled_loop_trains_breakout_from_the_command_line_and_resumes(tmp
     with open(os.path.join(run_dir, "metrics.csv")) as f:
         assert f.readline().strip() == "step,seed,episode,score,length,epsilon,loss"
     assert os.path.isfile(os.path.join(run_dir, "model-seed1.keras"))
+    assert os.path.isfile(os.path.join(run_dir, "model-seed2.keras"))
 
 
 @pytest.mark.slow
