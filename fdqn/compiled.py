@@ -33,9 +33,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fdqn import device_replay as dr
-from fdqn import jax_envs, networks
+from fdqn import jax_envs, networks, parallel
 from fdqn.config import Config, epsilon_schedule, loss_options
 from fdqn.exploration import epsilon_greedy
 from fdqn.learner import Batch, TrainState, make_optimizer, sync_target, update
@@ -67,6 +69,15 @@ class RunState(NamedTuple):
     learner_metrics: dict[str, jax.Array]  # of the latest update (NaN before the first)
 
 
+# the parts of a run's state that are a device's own when one agent's envs are split
+# over devices (data shards): its envs, what it acts on next, its replay
+_DEVICE_FIELDS = ("replay", "env_state", "obs", "episode_return", "episode_length")
+
+
+def _per_device(state: "RunState") -> dict[str, Any]:
+    return {f: getattr(state, f) for f in _DEVICE_FIELDS}
+
+
 class StepMetrics(NamedTuple):
     """What one step reports (stacked along a time axis by :meth:`CompiledRun.run`).
 
@@ -96,11 +107,27 @@ class CompiledRun:
     q_fn: Any
     optimizer: Any
     blocks: int = 1  # host envs: the seeds whose games env.num_envs holds, num_envs each
+    mesh: Any = None  # a fdqn.parallel mesh: the run is shard_map-ped over its devices
+    data_shards: int = 1  # devices one agent's envs and batches are split over
+
+    @property
+    def local_envs(self) -> int:
+        """Environments per seed on one device."""
+        return self.env.num_envs // self.blocks
 
     @property
     def num_envs(self) -> int:
         """Environments per seed."""
-        return self.env.num_envs // self.blocks
+        return self.local_envs * self.data_shards
+
+    @property
+    def batch_share(self) -> int:
+        """Transitions of each batch one device samples from its replay."""
+        return self.config.batch_size // self.data_shards
+
+    @property
+    def _data_axis(self) -> str | None:
+        return parallel.DATA if self.data_shards > 1 else None
 
     # -- the initial state --------------------------------------------------------
 
@@ -119,6 +146,8 @@ class CompiledRun:
                 raise ValueError(f"seed must be an integer in [0, 2**31), got {seed!r}")
         if many and not seeds:
             raise ValueError("seeds must not be empty")
+        if self.mesh is not None:
+            return self._init_on_mesh(list(seeds) if many else [seeds])
         if not _vmappable(self.env) and (len(seeds) if many else 1) != self.blocks:
             raise ValueError(
                 f"this run steps {self.blocks} seed(s) of {self.env.env_id} as one vector env "
@@ -133,7 +162,7 @@ class CompiledRun:
         agents, reset_keys = zip(*(self._init_agent(s) for s in seeds))
         obs, env_state = self.env.reset(jnp.stack(reset_keys))  # a block of games per seed
         state = jax.vmap(self._with_envs, in_axes=(0, 0, None))(
-            _stack(agents), obs.reshape(len(seeds), self.num_envs, *obs.shape[1:]), None
+            _stack(agents), obs.reshape(len(seeds), self.local_envs, *obs.shape[1:]), None
         )
         return state._replace(env_state=env_state)
 
@@ -150,7 +179,7 @@ class CompiledRun:
             optimizer=self.optimizer,
         )
         key, reset_key = jax.random.split(jax.random.fold_in(jax.random.key(seed), 1))
-        n = self.num_envs
+        n = self.local_envs
         state = RunState(
             learner=learner,
             replay=None,
@@ -166,6 +195,51 @@ class CompiledRun:
 
     def _with_envs(self, state: RunState, obs: jax.Array, env_state: Any) -> RunState:
         return state._replace(replay=self._replay_start(obs), env_state=env_state, obs=obs)
+
+    def _init_on_mesh(self, seeds: list[int]) -> RunState:
+        """Every seed's state, placed on the mesh; with data shards, a set of envs (and their
+        replay) per device, each reset with its own key, on an axis after the seed axis."""
+        per_seed = self.mesh.shape[parallel.SEEDS]
+        if len(seeds) % per_seed:
+            raise parallel.LayoutError(
+                f"{len(seeds)} seeds do not split over the mesh's {per_seed} seed devices"
+            )
+        states = []
+        for seed in seeds:
+            agent, reset_key = self._init_agent(seed)
+            if self.data_shards == 1:
+                states.append(self._with_envs(agent, *self.env.reset(reset_key)))
+                continue
+            shards = [
+                self._with_envs(agent, *self.env.reset(jax.random.fold_in(reset_key, d)))
+                for d in range(self.data_shards)
+            ]
+            states.append(shards[0]._replace(**_stack([_per_device(s) for s in shards])))
+        return self.place(_stack(states))
+
+    def state_specs(self) -> RunState:
+        """How a state on the mesh is laid out: a ``PartitionSpec`` per field.
+
+        The seed axis is split over the mesh's ``seeds`` devices; with data
+        shards, the environments, observations and replay have a device axis
+        after it, split over ``data``, while the learner, counters and keys are
+        replicated there.
+        """
+        seeds = P(parallel.SEEDS)
+        local = P(parallel.SEEDS, parallel.DATA) if self.data_shards > 1 else seeds
+        return RunState(**{f: local if f in _DEVICE_FIELDS else seeds for f in RunState._fields})
+
+    def place(self, state: RunState) -> RunState:
+        """``state`` on the run's mesh (as it is without one), e.g. after a restore."""
+        if self.mesh is None:
+            return state
+        specs = self.state_specs()
+        return RunState(
+            *(
+                jax.device_put(part, NamedSharding(self.mesh, spec))
+                for part, spec in zip(state, specs)
+            )
+        )
 
     # -- one step -----------------------------------------------------------------
 
@@ -185,15 +259,19 @@ class CompiledRun:
         agents = state._replace(env_state=None)
         action, epsilon, keys = jax.vmap(self._act)(agents)
         out = self.env.step(keys[1][0], state.env_state, action.reshape(-1))
-        blocks = jax.tree.map(
-            lambda x: x.reshape(self.blocks, self.num_envs, *x.shape[1:]), out._replace(state=None)
-        )
+        split = (self.blocks, self.local_envs)
+        blocks = jax.tree.map(lambda x: x.reshape(*split, *x.shape[1:]), out._replace(state=None))
         agents, metrics = jax.vmap(self._after_env_step)(agents, action, epsilon, keys, blocks)
         return agents._replace(env_state=out.state), metrics
 
     def _act(self, state: RunState):
         """Epsilon from the step count and the epsilon-greedy actions of the online network."""
         key, act_key, env_key, learn_key = jax.random.split(state.key, 4)
+        if self._data_axis:  # every device its own actions, env steps and batches
+            shard = jax.lax.axis_index(self._data_axis)
+            act_key, env_key, learn_key = (
+                jax.random.fold_in(k, shard) for k in (act_key, env_key, learn_key)
+            )
         epsilon = epsilon_schedule(self.config)(state.counters.agent_steps)
         q = state.learner.q_fn(state.learner.params, state.obs)
         return epsilon_greedy(act_key, q, epsilon), epsilon, (key, env_key, learn_key)
@@ -206,7 +284,7 @@ class CompiledRun:
         replay = self._replay_add(state.replay, state.obs, action, out)
         step = counters.agent_steps + n
         learning = (step >= config.learning_starts) & (
-            self._replay_size(replay) >= config.batch_size
+            self._replay_size(replay) >= self.batch_share
         )
         due = jnp.where(
             learning,
@@ -222,7 +300,10 @@ class CompiledRun:
         done = out.done
         episode_return = state.episode_return + out.score
         episode_length = state.episode_length + out.valid.astype(jnp.int32)
-        episodes = counters.episodes + jnp.sum(done, dtype=jnp.int32)
+        ended = jnp.sum(done, dtype=jnp.int32)
+        if self._data_axis:
+            ended = jax.lax.psum(ended, self._data_axis)
+        episodes = counters.episodes + ended
         if config.target_update_unit == "steps":
             sync = learning & (step // config.target_update > counters.target_syncs)
             syncs = jnp.where(sync, step // config.target_update, counters.target_syncs)
@@ -262,7 +343,7 @@ class CompiledRun:
         def one_update(i, carry):
             learner, metrics = carry
             batch = self._replay_sample(replay, jax.random.fold_in(key, i))
-            learner, new = update(learner, batch, **loss_kwargs)
+            learner, new = update(learner, batch, **loss_kwargs, axis_name=self._data_axis)
             return learner, {k: new[k].astype(jnp.float32) for k in _LEARNER_METRICS}
 
         return jax.lax.fori_loop(0, due, one_update, (learner, metrics))
@@ -270,7 +351,8 @@ class CompiledRun:
     # -- the replay: whole transitions, or one frame per step for frame stacks ---
 
     def _replay_start(self, obs):
-        n, capacity = self.num_envs, self.config.buffer_size
+        # with data shards each device keeps its envs' share: the same length per env
+        n, capacity = self.local_envs, self.config.buffer_size // self.data_shards
         if not self.env.frame_stack:
             dtype = getattr(self.env, "replay_dtype", jnp.float32)
             return dr.ring_init(capacity, n, self.env.obs_shape, dtype)
@@ -291,12 +373,13 @@ class CompiledRun:
         return dr.frame_ring_size(replay, self.env.frame_stack)
 
     def _replay_sample(self, replay, key):
+        size = self.batch_share
         if not self.env.frame_stack:
-            batch = dr.ring_sample(replay, key, self.config.batch_size)
+            batch = dr.ring_sample(replay, key, size)
             return batch._replace(
                 obs=batch.obs.astype(jnp.float32), next_obs=batch.next_obs.astype(jnp.float32)
             )
-        return dr.frame_ring_sample(replay, key, self.config.batch_size, self.env.frame_stack)
+        return dr.frame_ring_sample(replay, key, size, self.env.frame_stack)
 
     # -- many steps ---------------------------------------------------------------
 
@@ -335,12 +418,12 @@ class CompiledRun:
         agents = _seed_axis(state) if not batched else state._replace(env_state=None)
         keys = jax.vmap(jax.random.fold_in)(agents.key, agents.counters.agent_steps)
         obs, env_state = self.env.reset(keys)  # a block of new games per seed
-        obs = obs.reshape(self.blocks, self.num_envs, *obs.shape[1:])
+        obs = obs.reshape(self.blocks, self.local_envs, *obs.shape[1:])
 
         def restart(one, obs):
             replay = one.replay
             if self.env.frame_stack:
-                zeros = jnp.zeros(self.num_envs, jnp.int32)
+                zeros = jnp.zeros(self.local_envs, jnp.int32)
                 replay = dr.frame_ring_add(replay, obs, zeros, zeros, zeros > 0, zeros == 0)
             return one._replace(
                 replay=replay,
@@ -386,6 +469,8 @@ def _no_seed_axis(state: RunState) -> RunState:
 
 @functools.lru_cache(maxsize=32)
 def _compiled(run: CompiledRun, num_steps: int, batched: bool):
+    if run.mesh is not None:
+        return _on_mesh(run, num_steps)
     if _vmappable(run.env):
 
         def scan(state):
@@ -402,6 +487,42 @@ def _compiled(run: CompiledRun, num_steps: int, batched: bool):
         return _no_seed_axis(state), jax.tree.map(lambda x: x[0], metrics)
 
     return jax.jit(blocks if batched else one_seed, donate_argnums=0)
+
+
+def _on_mesh(run: CompiledRun, num_steps: int):
+    """The scan of every seed under ``shard_map``: each device steps its block of the state.
+
+    A device holds its seeds (all of their parts when the ``data`` axis has
+    one device; else its own envs and replay, and a copy of the learner) and
+    runs the steps of one device on them; only the gradient means and the
+    episode counts cross devices.
+    """
+    sharded = run.data_shards > 1
+    specs = run.state_specs()
+    seeds = P(parallel.SEEDS)
+    per_env = P(parallel.SEEDS, None, parallel.DATA) if sharded else seeds
+    metric_specs = StepMetrics(
+        agent_steps=seeds, epsilon=seeds, done=per_env, episode_return=per_env,
+        episode_length=per_env, updates=seeds, learner=seeds,
+    )  # fmt: skip
+
+    def scan(state):
+        return jax.lax.scan(lambda s, _: run.step(s), state, length=num_steps)
+
+    def block(state):  # this device's seeds; with data shards, its one set of envs
+        if sharded:
+            state = state._replace(**jax.tree.map(lambda x: x[:, 0], _per_device(state)))
+        state, metrics = jax.vmap(scan)(state)
+        if sharded:
+            state = state._replace(**jax.tree.map(lambda x: x[:, None], _per_device(state)))
+        return state, metrics
+
+    # check_vma off: the learner, counters and keys are equal on every data device by
+    # construction (the same steps on the same means), which the check cannot see
+    mapped = jax.shard_map(
+        block, mesh=run.mesh, in_specs=(specs,), out_specs=(specs, metric_specs), check_vma=False
+    )
+    return jax.jit(mapped, donate_argnums=0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -488,19 +609,38 @@ def make_env(config: Config):
     return jax_envs.make_callback(config.env, n)
 
 
-def make_run(config: Config, env=None, cpu_layers: bool = False) -> CompiledRun:
+def make_run(config: Config, env=None, cpu_layers: bool = False, mesh=None) -> CompiledRun:
     """The compiled run of a validated ``config`` on a JAX-native environment.
 
     ``env`` defaults to :func:`make_env` of the config; a host environment
     must hold ``num_seeds x num_envs`` games. ``cpu_layers``
     computes the network through :func:`fdqn.cpu.space_to_depth_model` (the
-    same parameters), as :func:`fdqn.train.build` does.
+    same parameters), as :func:`fdqn.train.build` does. ``mesh``
+    (:func:`fdqn.parallel.make_mesh`) runs it over several devices: seeds
+    split over its ``seeds`` axis, each agent's envs and batches over its
+    ``data`` axis (gymnax environments only).
 
     Raises:
       ValueError: the config asks for something the compiled run does not do.
+      fdqn.parallel.LayoutError: the mesh does not fit the config or the env.
       fdqn.jax_envs.GymnaxMissing: gymnax is not installed.
     """
     config = config.validate()
+    shards = 1
+    if mesh is not None:
+        shards = int(mesh.shape[parallel.DATA])
+        if not jax_envs.is_jax_env(config.env):
+            raise parallel.LayoutError(
+                f"several devices run JAX-native environments (gymnax); {config.env} steps "
+                f"on the host: use one device"
+            )
+        for name, value in (("--num-envs", config.num_envs), ("--batch-size", config.batch_size)):
+            if value % shards:
+                raise parallel.LayoutError(
+                    f"{name} {value} does not split over {shards} data devices"
+                )
+        config_env = config.replace(num_envs=config.num_envs // shards)
+        env = env if env is not None else make_env(config_env)
     env = env if env is not None else make_env(config)
     blocks = 1
     if not _vmappable(env):
@@ -521,5 +661,6 @@ def make_run(config: Config, env=None, cpu_layers: bool = False) -> CompiledRun:
         config.optimizer, config.lr, clip=config.clip, max_grad_norm=config.max_grad_norm
     )
     return CompiledRun(
-        config=config, env=env, model=model, q_fn=q_fn, optimizer=optimizer, blocks=blocks
-    )
+        config=config, env=env, model=model, q_fn=q_fn, optimizer=optimizer, blocks=blocks,
+        mesh=mesh, data_shards=shards,
+    )  # fmt: skip

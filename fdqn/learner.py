@@ -344,6 +344,7 @@ def update(
     reduction: str = "mean",
     mask_terminal: bool = True,
     checked: bool = False,
+    axis_name: str | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One gradient step on ``batch``; pure, computed by one jit-compiled call.
 
@@ -363,6 +364,11 @@ def update(
       gamma, double_q, huber_delta, reduction, mask_terminal: as in :func:`dqn_loss`
         (static: each new value compiles once).
       checked: compile the batch checks in, for use under ``checkify.checkify``.
+      axis_name: inside ``jax.shard_map`` (or ``pmap``) over a mesh axis of
+        that name, each device holding a slice of the global batch: the
+        gradients and figures are averaged over the axis (summed for
+        ``reduction="sum"``) before the optimizer sees them, so every device
+        takes the step of the whole batch and the parameters stay replicated.
 
     Returns:
       ``(new_state, metrics)``; metrics hold ``loss``, ``q_taken``,
@@ -377,16 +383,21 @@ def update(
     if not traced:
         check_batch_values(batch, num_actions(state.q_fn, state.params, batch.obs))
     step, params, opt_state, metrics = _gradient_step(
-        state, batch, gamma, double_q, huber_delta, reduction, mask_terminal, checked and traced
-    )
+        state, batch, gamma, double_q, huber_delta, reduction, mask_terminal,
+        checked and traced, axis_name,
+    )  # fmt: skip
     return state.replace(step=step, params=params, opt_state=opt_state), metrics
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("gamma", "double_q", "huber_delta", "reduction", "mask_terminal", "checked"),
-)
-def _gradient_step(state, batch, gamma, double_q, huber_delta, reduction, mask_terminal, checked):
+    static_argnames=(
+        "gamma", "double_q", "huber_delta", "reduction", "mask_terminal", "checked", "axis_name"
+    ),
+)  # fmt: skip
+def _gradient_step(
+    state, batch, gamma, double_q, huber_delta, reduction, mask_terminal, checked, axis_name
+):
     """The parts of the state :func:`update` changes: step, params, opt_state; and metrics."""
     if checked:
         _checkify_batch_values(batch, num_actions(state.q_fn, state.params, batch.obs))
@@ -398,6 +409,10 @@ def _gradient_step(state, batch, gamma, double_q, huber_delta, reduction, mask_t
         batch,
         *(gamma, double_q, huber_delta, reduction, mask_terminal),  # dqn_loss's order
     )
+    if axis_name is not None:  # the whole batch's gradient: a mean of equal slices' means
+        reduce = jax.lax.pmean if reduction == "mean" else jax.lax.psum
+        grads, loss = reduce((grads, loss), axis_name)
+        aux = jax.lax.pmean(aux, axis_name)
     updates, opt_state = state.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}

@@ -1,0 +1,222 @@
+"""Past one device: seeds sharded over a mesh, a data-parallel learner, many hosts.
+
+fdqn scales with JAX's own machinery. A compiled run (:mod:`fdqn.compiled`)
+on several devices runs under ``jax.shard_map`` over a two-axis
+:class:`jax.sharding.Mesh`:
+
+- ``seeds``: the seed axis of the run's state is split over the devices of
+  this axis, each device training its own seeds, with no communication
+  between them; a seed's result is the one it has on one device.
+- ``data``: one agent's environments and each sampled batch are split over
+  the devices of this axis. Each device steps ``num_envs / d`` environments,
+  keeps their transitions in a replay of its own and samples ``batch_size /
+  d`` of each batch from it (uniform over all transitions, drawn evenly from
+  every device's share); the gradients are averaged across the axis
+  (:func:`fdqn.learner.update`'s ``axis_name``), so the parameters and
+  optimizer state, replicated, take the step of the whole batch everywhere.
+
+:func:`choose_layout` picks the layout from the device count and the config:
+several seeds go over the ``seeds`` axis, one seed over ``data``.
+
+Many hosts run the same program after :func:`initialize` (``jax.distributed``):
+the mesh then spans every process's devices, each process steps the
+environments of its own devices and holds their share of the replay.
+"""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from fdqn.learner import update
+
+SEEDS, DATA = "seeds", "data"
+
+
+class LayoutError(ValueError):
+    """A device layout the run cannot take (one line, naming what would work)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a run's devices are arranged: ``seeds x data`` of them.
+
+    Attributes:
+      seeds: devices the seed axis is split over.
+      data: devices each agent's environments and batches are split over.
+    """
+
+    seeds: int
+    data: int
+
+    @property
+    def devices(self) -> int:
+        return self.seeds * self.data
+
+    def __str__(self) -> str:
+        return f"{self.seeds} (seeds) x {self.data} (data)"
+
+
+def choose_layout(
+    num_devices: int, num_seeds: int, num_envs: int, batch_size: int, processes: int = 1
+) -> Layout:
+    """The layout of ``num_devices`` devices for a run of ``num_seeds`` agents.
+
+    Several seeds are split over all devices (``num_seeds`` a multiple of
+    ``num_devices``); one seed is data-parallel (``num_envs`` and
+    ``batch_size`` multiples of ``num_devices``).
+
+    Raises:
+      LayoutError: no layout fits; the message names the numbers that do.
+    """
+    if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
+        raise LayoutError(f"--devices must be a positive integer, got {num_devices!r}")
+    if num_seeds > 1:
+        if num_seeds % num_devices:
+            raise LayoutError(
+                f"--num-seeds {num_seeds} does not split over {num_devices} devices: "
+                f"use a multiple of {num_devices} seeds, or --devices dividing {num_seeds}"
+            )
+        return Layout(seeds=num_devices, data=1)
+    for name, value in (("--num-envs", num_envs), ("--batch-size", batch_size)):
+        if value % num_devices:
+            raise LayoutError(
+                f"{name} {value} does not split over {num_devices} devices (one seed is "
+                f"data-parallel: its envs and batch are split): use a multiple of {num_devices}"
+            )
+    if num_devices % processes:
+        raise LayoutError(f"{num_devices} devices do not split evenly over {processes} processes")
+    return Layout(seeds=1, data=num_devices)
+
+
+def make_mesh(layout: Layout, devices=None) -> Mesh:
+    """A ``(seeds, data)`` mesh of the first ``layout.devices`` of ``devices`` (default: all).
+
+    Raises:
+      LayoutError: fewer devices than the layout needs.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) < layout.devices:
+        raise LayoutError(
+            f"the layout {layout} needs {layout.devices} devices; "
+            f"{len(devices)} are visible ({devices[0].platform})"
+        )
+    grid = np.array(devices[: layout.devices], dtype=object).reshape(layout.seeds, layout.data)
+    return Mesh(grid, (SEEDS, DATA))
+
+
+def data_parallel_update(mesh: Mesh, **loss_options):
+    """:func:`fdqn.learner.update` of one learner over the mesh's ``data`` devices.
+
+    Returns a jitted ``(state, batch) -> (state, metrics)``: the state
+    replicated, the batch's leading axis split over ``data`` (its size a
+    multiple of the axis'), each device computing the gradient of its slice
+    and all of them applying the mean, which is the gradient of the whole
+    batch: the result is the one-device update's up to float rounding.
+    ``loss_options`` are :func:`fdqn.learner.update`'s (``gamma``, ...).
+    """
+
+    def local(state, batch):
+        return update(state, batch, axis_name=DATA, **loss_options)
+
+    # check_vma off: the new state is the same on every device (the same mean applied)
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=(P(), P()), check_vma=False
+    )
+    return jax.jit(mapped)
+
+
+# -- many hosts -------------------------------------------------------------------
+
+# what a cluster's scheduler sets, read when a flag is not given: the coordinator,
+# the process count and this process's index
+CLUSTER_ENV = {
+    "coordinator": ("FDQN_COORDINATOR", "JAX_COORDINATOR_ADDRESS"),
+    "num_processes": ("FDQN_NUM_PROCESSES", "JAX_NUM_PROCESSES", "SLURM_NTASKS", "WORLD_SIZE"),
+    "process_id": ("FDQN_PROCESS_ID", "JAX_PROCESS_ID", "SLURM_PROCID", "RANK"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """Where this process stands among the processes of one run."""
+
+    coordinator: str | None
+    num_processes: int
+    process_id: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.num_processes > 1
+
+
+def cluster_from(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    environ=os.environ,
+) -> Cluster:
+    """The run's processes from flags, else from the cluster's environment variables.
+
+    Raises:
+      LayoutError: an unreadable or inconsistent value.
+    """
+
+    def pick(name, value):
+        if value is not None:
+            return value
+        for var in CLUSTER_ENV[name]:
+            if environ.get(var, "") != "":
+                return environ[var]
+        return None
+
+    coordinator = pick("coordinator", coordinator)
+    values = {}
+    for name, value in (("num_processes", num_processes), ("process_id", process_id)):
+        value = pick(name, value)
+        try:
+            values[name] = None if value is None else int(value)
+        except ValueError:
+            flag = "--" + name.replace("_", "-")
+            raise LayoutError(f"{flag}: not an integer: {value!r}") from None
+    n, i = values["num_processes"], values["process_id"]
+    if n is None or n == 1:
+        if i not in (None, 0):
+            raise LayoutError(f"--process-id {i} needs --num-processes above {i}")
+        return Cluster(coordinator, 1, 0)
+    if n < 1:
+        raise LayoutError(f"--num-processes must be a positive integer, got {n}")
+    if i is None or not 0 <= i < n:
+        raise LayoutError(f"--process-id must be in [0, {n}) for {n} processes, got {i}")
+    if not coordinator:
+        raise LayoutError(
+            f"{n} processes need --coordinator HOST:PORT (process 0's address), or "
+            f"{CLUSTER_ENV['coordinator'][0]} set"
+        )
+    return Cluster(coordinator, n, i)
+
+
+def initialize(cluster: Cluster, timeout_s: int = 60) -> None:
+    """Joins the run's processes through ``jax.distributed`` (nothing for one process).
+
+    Raises:
+      LayoutError: the coordinator did not answer within ``timeout_s``.
+    """
+    if not cluster.distributed:
+        return
+    try:
+        jax.distributed.initialize(
+            coordinator_address=cluster.coordinator,
+            num_processes=cluster.num_processes,
+            process_id=cluster.process_id,
+            initialization_timeout=timeout_s,
+        )
+    except Exception as e:  # the runtime's errors are of several kinds, each many lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LayoutError(
+            f"process {cluster.process_id} of {cluster.num_processes} could not join the "
+            f"coordinator {cluster.coordinator} within {timeout_s} s: {first}"
+        ) from None

@@ -1,0 +1,119 @@
+"""Past one device: seeds sharded over a mesh and a data-parallel learner, on four forced
+host devices (a subprocess: XLA takes its device count once), and the layout checks."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fdqn import parallel
+from fdqn.compiled import make_run
+from fdqn.config import Config
+
+HERE = os.path.dirname(__file__)
+
+
+@pytest.fixture(scope="module")
+def four():
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "four_devices.py")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_seeds_sharded_over_four_devices_equal_the_unsharded_seeds(four):
+    got = four["seeds_over_devices"]
+    assert got["devices"] == 4 and got["shards"] == 4
+    assert got["shard_shape"] == [1, 4, 16]  # a seed per device: its first layer's kernel
+    # the same games (episode ends and returns bit for bit) and the same learning
+    assert got["same_done"] and got["same_returns"]
+    assert got["params_difference"] < 1e-6
+    assert got["seeds_differ"]
+
+
+def test_the_data_parallel_update_is_the_whole_batch_update(four):
+    got = four["data_parallel_update"]
+    assert got["steps"] == [5, 5]
+    assert got["moved"] > 1e-2  # five Adam steps of 1e-2 moved the weights ...
+    assert got["params_difference"] < 1e-6  # ... and a mean of four quarters is the whole mean
+    assert got["loss"][0] == pytest.approx(got["loss"][1], rel=1e-6)
+
+
+def test_a_data_parallel_run_splits_envs_and_replay_and_keeps_one_learner(four):
+    got = four["data_parallel_run"]
+    assert got["env_shape"] == [1, 4, 1, 4]  # 1 seed, 4 devices, 1 CartPole each
+    assert got["ring_shape"] == [1, 4, 1, 100, 4]  # each device a quarter of the 400
+    # 25 steps of 4 envs in all; an update every 2 agent steps from step 40: (100 - 40) // 2 + 1
+    assert got["agent_steps"] == 100 and got["updates"] == got["learner_steps"] == 31
+    assert got["episodes"] == got["done_sum"] and got["done_shape"] == [1, 25, 4]
+    assert got["replicas"] == 4 and got["replicas_equal"]  # the parameters stayed one
+    assert got["devices_differ"]  # each device its own games
+    assert got["loss_finite"] and got["scores_shape"] == [1, 3]
+
+
+# -- layouts ---------------------------------------------------------------------------
+
+
+def test_layouts_seeds_over_devices_or_one_seed_data_parallel():
+    assert parallel.choose_layout(4, 8, 8, 32) == parallel.Layout(seeds=4, data=1)
+    assert parallel.choose_layout(4, 1, 8, 32) == parallel.Layout(seeds=1, data=4)
+    assert parallel.choose_layout(1, 1, 3, 5) == parallel.Layout(seeds=1, data=1)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((4, 6, 8, 32), "--num-seeds 6 does not split over 4 devices: use a multiple of 4"),
+        ((4, 1, 6, 32), "--num-envs 6 does not split over 4 devices"),
+        ((4, 1, 8, 30), "--batch-size 30 does not split over 4 devices"),
+        ((0, 1, 8, 32), "--devices must be a positive integer, got 0"),
+    ],
+)
+def test_impossible_layouts_are_one_line_errors(args, message):
+    with pytest.raises(parallel.LayoutError, match=message) as e:
+        parallel.choose_layout(*args)
+    assert "\n" not in str(e.value)
+
+
+def test_more_devices_than_visible_is_a_one_line_error():
+    with pytest.raises(parallel.LayoutError, match=r"needs 2 devices; 1 are visible \(cpu\)"):
+        parallel.make_mesh(parallel.Layout(1, 2))
+
+
+def test_host_environments_run_on_one_device():
+    mesh = parallel.make_mesh(parallel.Layout(1, 1))
+    config = Config(env="breakout", num_envs=1, buffer_size=100, batch_size=8, total_steps=100)
+    with pytest.raises(parallel.LayoutError, match="breakout steps on the host: use one device"):
+        make_run(config, mesh=mesh)
+
+
+# -- many hosts ------------------------------------------------------------------------
+
+
+def test_cluster_from_flags_and_from_the_schedulers_variables():
+    assert not parallel.cluster_from(environ={}).distributed
+    got = parallel.cluster_from("10.0.0.1:1234", 2, 1, environ={})
+    assert got == parallel.Cluster("10.0.0.1:1234", 2, 1) and got.distributed
+    slurm = {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "FDQN_COORDINATOR": "node0:5000"}
+    assert parallel.cluster_from(environ=slurm) == parallel.Cluster("node0:5000", 4, 3)
+    # a flag wins over the environment
+    assert parallel.cluster_from(process_id=2, environ=slurm).process_id == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_processes=2, process_id=0), "2 processes need --coordinator HOST:PORT"),
+        (dict(coordinator="h:1", num_processes=2, process_id=2), r"must be in \[0, 2\)"),
+        (dict(coordinator="h:1", num_processes=2), r"--process-id must be in \[0, 2\)"),
+        (dict(process_id=1), "--process-id 1 needs --num-processes above 1"),
+        (dict(num_processes="two"), "--num-processes: not an integer: 'two'"),
+    ],
+)
+def test_bad_cluster_settings_are_one_line_errors(kwargs, message):
+    with pytest.raises(parallel.LayoutError, match=message):
+        parallel.cluster_from(environ={}, **kwargs)
