@@ -69,6 +69,11 @@ class Config:
         "(gymnax envs map over the seeds; Atari and gymnasium envs are one vector env of "
         "num_seeds x num_envs, a block per seed)",
     )
+    devices: int = _field(
+        1,
+        "JAX devices of each process the compiled run spreads over (gymnax envs): several "
+        "seeds are split over them, one seed's envs and batches are (fdqn.parallel)",
+    )
     loop: str = _field(
         "host",
         "training loop: host (a Python loop over jitted updates, envs stepped beside them) or "
@@ -122,7 +127,7 @@ class Config:
         positive = (
             "total_steps", "num_envs", "batch_size", "buffer_size", "train_every",
             "target_update", "eval_episodes", "keep_checkpoints", "log_every", "epsilon_decay",
-            "num_seeds",
+            "num_seeds", "devices",
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
@@ -193,6 +198,17 @@ class Config:
                 "batch_size",
                 f"must not exceed --buffer-size ({self.buffer_size}), got {self.batch_size}",
             )
+        if self.devices > 1:
+            from fdqn import parallel
+
+            if not jax_envs.is_jax_env(self.env):
+                raise ConfigError(
+                    "devices", f"several devices run gymnax envs; {self.env} is not one"
+                )
+            try:
+                parallel.choose_layout(self.devices, self.num_seeds, self.num_envs, self.batch_size)
+            except parallel.LayoutError as e:
+                raise ConfigError("devices", str(e)) from None
         if jax_envs.is_minatar(self.env):
             if self.network != "minatar":
                 raise ConfigError("network", f"{self.env} is a MinAtar game: use minatar")
@@ -339,7 +355,9 @@ def make_network(config: Config, env: Any, seed: int | None = None) -> Any:
 CONFIG_FILE = "config.json"
 # Config fields added after runs were written with fdqn, and the value each such
 # run had in effect: a config.json without them loads with these values.
-FIELDS_ADDED_LATER: dict[str, Any] = {"dtype_policy": "float32", "num_seeds": 1, "loop": "host"}
+FIELDS_ADDED_LATER: dict[str, Any] = {
+    "dtype_policy": "float32", "num_seeds": 1, "loop": "host", "devices": 1,
+}  # fmt: skip
 
 
 def save_config(config: Config, run_dir: str) -> None:

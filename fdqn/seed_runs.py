@@ -61,6 +61,7 @@ def train_seeds(
     resume: bool = False,
     checkpoint_step: int | None = None,
     cpu_layers: bool = False,
+    mesh: Any = None,
 ) -> SeedsResult:
     """Trains ``config.num_seeds`` agents (seeds ``seed, seed+1, ...``) in one program.
 
@@ -70,9 +71,9 @@ def train_seeds(
     the same steps give the same bits as a run straight through. Atari and
     gymnasium environments keep their games on the host: a resumed
     run starts new ones (:meth:`fdqn.compiled.CompiledRun.restart_envs`).
-    ``cpu_layers`` is :func:`fdqn.compiled.make_run`'s.
+    ``cpu_layers`` and ``mesh`` (several devices) are :func:`fdqn.compiled.make_run`'s.
     """
-    run = make_run(config, cpu_layers=cpu_layers)
+    run = make_run(config, cpu_layers=cpu_layers, mesh=mesh)
     seeds = [config.seed + i for i in range(config.num_seeds)]
     n = config.num_envs
     state = run.init(seeds)
@@ -88,6 +89,7 @@ def train_seeds(
         path, (state, counts), skipped = checkpoint.restore_newest(
             run_dir, lambda p: _restore(p, state, len(seeds)), step=checkpoint_step
         )
+        state = run.place(state)
         for damaged, reason in skipped:
             moved = checkpoint.set_aside(damaged)
             stream.write(f"warning: damaged checkpoint {damaged} set aside as {moved}: {reason}\n")

@@ -57,7 +57,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fdqn import checkpoint, cpu, envs, jax_envs, networks, reporting, rundir, seed_runs
+from fdqn import checkpoint, cpu, envs, jax_envs, networks, parallel, reporting, rundir, seed_runs
 from fdqn.config import (
     CONFIG_FILE,
     PRESETS,
@@ -784,7 +784,8 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
                 f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                 f"or choose another --run-dir"
             )
-    if config.loop == "compiled" or config.num_seeds > 1 or jax_envs.is_minatar(config.env):
+    compiled = config.loop == "compiled" or config.num_seeds > 1 or config.devices > 1
+    if compiled or jax_envs.is_minatar(config.env):
         return _run_seeds(config, run_dir, resume, checkpoint_step, stops, cpu_tuning)
     # built before anything is written, so that a replay memory larger than the RAM
     # fails here; mapping the memory takes seconds per GiB on some machines
@@ -818,12 +819,20 @@ def _run_seeds(
     cpu_layers: bool,
 ) -> int:
     """The compiled loop: ``--num-seeds S`` seeds in one program (:mod:`fdqn.seed_runs`)."""
+    mesh = None
+    if config.devices > 1:  # the layout is checked before anything is written
+        layout = parallel.choose_layout(
+            config.devices, config.num_seeds, config.num_envs, config.batch_size
+        )
+        mesh = parallel.make_mesh(layout, jax.local_devices())
+        print(f"fdqn.train: {layout} devices: {mesh.devices.flat[0].platform}", file=sys.stderr)
     if not resume or _saved_config(run_dir) != config:
         save_config(config, run_dir)
     stops.accepting = stops.started = True
     result = seed_runs.train_seeds(
-        config, run_dir, sys.stderr, stops, resume, checkpoint_step, cpu_layers=cpu_layers
-    )
+        config, run_dir, sys.stderr, stops, resume, checkpoint_step, cpu_layers=cpu_layers,
+        mesh=mesh,
+    )  # fmt: skip
     stops.accepting = False
     if result.status == "interrupted":
         return 128 + stops.received[0]

@@ -107,7 +107,43 @@ def data_parallel_run() -> dict:
     }
 
 
-CHECKS = {f.__name__: f for f in (seeds_over_devices, data_parallel_update, data_parallel_run)}
+def command_line_data_parallel_and_resume() -> dict:
+    import contextlib
+    import io
+    import tempfile
+
+    from fdqn import train
+
+    run_dir = os.path.join(tempfile.mkdtemp(), "run")
+    args = ["--preset", "cartpole", "--devices", "4", "--num-envs", "4", "--hidden", "16,16",
+            "--buffer-size", "400", "--learning-starts", "100", "--eval-every", "0",
+            "--eval-episodes", "2", "--log-every", "200", "--checkpoint-every", "200",
+            "--no-cpu-tuning"]  # fmt: skip
+    codes, outputs, errors = [], [], []
+    for argv in (
+        [*args, "--total-steps", "400", "--run-dir", run_dir],
+        ["--resume", run_dir, "--total-steps", "800", "--no-cpu-tuning"],
+    ):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            codes.append(train.main(argv))
+        outputs.append(json.loads(out.getvalue().strip().splitlines()[-1]))
+        errors.append(err.getvalue())
+    return {
+        "codes": codes,
+        "agent_steps": [o["agent_steps"] for o in outputs],
+        "layout_line": "1 (seeds) x 4 (data) devices: cpu" in errors[0],
+        "resumed": "resumed from" in errors[1],
+    }
+
+
+CHECKS = {
+    f.__name__: f
+    for f in (
+        seeds_over_devices, data_parallel_update, data_parallel_run,
+        command_line_data_parallel_and_resume,
+    )
+}  # fmt: skip
 
 if __name__ == "__main__":
     names = sys.argv[1:] or list(CHECKS)

@@ -55,6 +55,26 @@ def test_a_data_parallel_run_splits_envs_and_replay_and_keeps_one_learner(four):
     assert got["loss_finite"] and got["scores_shape"] == [1, 3]
 
 
+def test_the_command_line_trains_data_parallel_and_resumes_on_the_same_devices(four):
+    got = four["command_line_data_parallel_and_resume"]
+    assert got["codes"] == [0, 0] and got["agent_steps"] == [400, 800]
+    assert got["layout_line"] and got["resumed"]
+
+
+def test_an_impossible_layout_on_the_command_line_writes_nothing(tmp_path, capsys):
+    from fdqn import train
+
+    run_dir = tmp_path / "run"
+    argv = ["--preset", "cartpole", "--devices", "3", "--num-seeds", "4", "--run-dir", str(run_dir)]
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "fdqn.train: error: --devices: --num-seeds 4 does not split over 3 devices: "
+        "use a multiple of 3 seeds, or --devices dividing 4"
+    ]
+    assert not run_dir.exists()
+
+
 # -- layouts ---------------------------------------------------------------------------
 
 
