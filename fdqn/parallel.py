@@ -108,6 +108,24 @@ def make_mesh(layout: Layout, devices=None) -> Mesh:
     return Mesh(grid, (SEEDS, DATA))
 
 
+def devices_per_process(count: int) -> list:
+    """The first ``count`` devices of every process, process by process (for :func:`make_mesh`).
+
+    Raises:
+      LayoutError: a process has fewer devices.
+    """
+    by_process: dict[int, list] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    for index, devices in sorted(by_process.items()):
+        if len(devices) < count:
+            raise LayoutError(
+                f"--devices {count}: process {index} has {len(devices)} "
+                f"{devices[0].platform} device(s)"
+            )
+    return [d for _, devices in sorted(by_process.items()) for d in devices[:count]]
+
+
 def data_parallel_update(mesh: Mesh, **loss_options):
     """:func:`fdqn.learner.update` of one learner over the mesh's ``data`` devices.
 

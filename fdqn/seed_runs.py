@@ -62,6 +62,7 @@ def train_seeds(
     checkpoint_step: int | None = None,
     cpu_layers: bool = False,
     mesh: Any = None,
+    writer: bool = True,
 ) -> SeedsResult:
     """Trains ``config.num_seeds`` agents (seeds ``seed, seed+1, ...``) in one program.
 
@@ -72,8 +73,15 @@ def train_seeds(
     gymnasium environments keep their games on the host: a resumed
     run starts new ones (:meth:`fdqn.compiled.CompiledRun.restart_envs`).
     ``cpu_layers`` and ``mesh`` (several devices) are :func:`fdqn.compiled.make_run`'s.
+
+    Under ``jax.distributed`` every process calls this with the same
+    arguments; one, the ``writer``, writes the run directory, while the
+    others compute their share and wait for it at each checkpoint. A stop
+    asked of any process stops them all at the same chunk.
     """
     run = make_run(config, cpu_layers=cpu_layers, mesh=mesh)
+    if not writer:
+        stream = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the run)
     seeds = [config.seed + i for i in range(config.num_seeds)]
     n = config.num_envs
     state = run.init(seeds)
@@ -85,10 +93,15 @@ def train_seeds(
                  config.checkpoint_every or config.log_every) // n,
     )  # fmt: skip
     counts = {"episodes": [0] * len(seeds), "evaluations": 0, "checkpoints": 0}
+    if resume and not writer:  # the writer picked the checkpoint (and set damaged ones aside)
+        checkpoint_step = _broadcast(-1)
+        checkpoint_step = None if checkpoint_step < 0 else checkpoint_step
     if resume and (checkpoint_step is not None or checkpoint.list_checkpoints(run_dir)):
         path, (state, counts), skipped = checkpoint.restore_newest(
             run_dir, lambda p: _restore(p, state, len(seeds)), step=checkpoint_step
         )
+        if writer:
+            _broadcast(checkpoint.step_of(path))
         state = run.place(state)
         for damaged, reason in skipped:
             moved = checkpoint.set_aside(damaged)
@@ -101,8 +114,10 @@ def train_seeds(
             + "\n"
         )
     elif resume:
+        if writer:
+            _broadcast(-1)
         stream.write(f"{run_dir} has no checkpoint yet: starting the run from step 0\n")
-    done_steps = int(np.asarray(state.counters.agent_steps)[0]) // n
+    done_steps = int(_fetch(state.counters.agent_steps)[0]) // n
     step = start_step = done_steps * n
     if resume and done_steps >= total:  # nothing to do: leave the run as it is
         stream.write(
@@ -110,13 +125,13 @@ def train_seeds(
             f"nothing to train (a larger --total-steps continues it)\n"
         )
         return SeedsResult("finished", step, seeds, None)
-    for name in ("metrics.csv", "eval.csv"):
+    for name in ("metrics.csv", "eval.csv") if writer else ():
         dropped = reporting.truncate_csv(os.path.join(run_dir, name), step)
         if dropped:
             stream.write(f"warning: dropped {dropped} unreadable line(s) of {name}\n")
     episodes, evaluations = counts["episodes"], counts["evaluations"]
     recent = _recent_scores(os.path.join(run_dir, "metrics.csv"), seeds)
-    tb = reporting._tensorboard(os.path.join(run_dir, "tb"))
+    tb = reporting._tensorboard(os.path.join(run_dir, "tb")) if writer else None
     status = "finished"
     final = None
     start = time.perf_counter()
@@ -127,15 +142,19 @@ def train_seeds(
         saved_at[0] = step
         counts.update(episodes=episodes, evaluations=evaluations)
         meta = {"num_seeds": len(seeds), **counts}
-        arrays = checkpoint.tree_to_arrays("run", state)
-        return checkpoint.save(run_dir, step, arrays, meta, keep=config.keep_checkpoints)
+        arrays = checkpoint.tree_to_arrays("run", _fetch(state))  # every process takes part
+        path = checkpoint.path_of(run_dir, step)
+        if writer:
+            path = checkpoint.save(run_dir, step, arrays, meta, keep=config.keep_checkpoints)
+        _barrier(f"checkpoint {step}")  # the others go on once it is written
+        return path
 
     with (
-        _Csv(os.path.join(run_dir, "metrics.csv"), METRIC_FIELDS) as rows,
-        _Csv(os.path.join(run_dir, "eval.csv"), EVAL_FIELDS) as eval_rows,
+        _Csv(os.path.join(run_dir, "metrics.csv") if writer else None, METRIC_FIELDS) as rows,
+        _Csv(os.path.join(run_dir, "eval.csv") if writer else None, EVAL_FIELDS) as eval_rows,
     ):
         while done_steps < total:
-            if stops:
+            if _any_process(bool(stops)):
                 status = "interrupted"
                 path = save()
                 name = stops.name() if hasattr(stops, "name") else "stopped"
@@ -146,6 +165,7 @@ def train_seeds(
                 break
             steps = min(chunk, total - done_steps)
             state, metrics = run.run(state, steps)
+            metrics = _fetch(metrics)
             done_steps += steps
             step = done_steps * n
             loss = np.asarray(metrics.learner["loss"])  # (S, steps); NaN before the first update
@@ -177,16 +197,66 @@ def train_seeds(
             )
     if tb:
         tb.close()
-    for i, seed in enumerate(seeds):
-        params = jax.tree.map(lambda x, i=i: x[i], state.learner.params)
-        networks.save_model(run.model, params, os.path.join(run_dir, f"model-seed{seed}.keras"))
+    params = _fetch(state.learner.params)
     result = SeedsResult(status, done_steps * n, seeds, final)
+    if not writer:
+        stream.close()
+        return result
+    for i, seed in enumerate(seeds):
+        mine = jax.tree.map(lambda x, i=i: x[i], params)
+        networks.save_model(run.model, mine, os.path.join(run_dir, f"model-seed{seed}.keras"))
     rundir.atomic_write(
         os.path.join(run_dir, "summary.json"),
         lambda f: json.dump(dataclasses.asdict(result), f, indent=2),
     )
     plot_seeds(run_dir, f"fdqn DQN on {config.env}, {len(seeds)} seeds")
     return result
+
+
+# -- many processes: each call below is collective (every process makes it, in order) ---
+
+
+def _fetch(tree: Any) -> Any:
+    """``tree`` as numpy arrays on this host (PRNG keys as keys), shards on other processes
+    gathered."""
+
+    def is_key(x):
+        return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+    if jax.process_count() == 1:
+        return jax.tree.map(lambda x: x if is_key(x) else np.asarray(x), tree)
+    from jax.experimental import multihost_utils
+
+    keys = jax.tree.map(is_key, tree)  # the gather moves numbers: keys go as their key data
+    plain = jax.tree.map(lambda x: jax.random.key_data(x) if is_key(x) else x, tree)
+    gathered = multihost_utils.process_allgather(plain, tiled=True)
+    return jax.tree.map(
+        lambda x, key: jax.random.wrap_key_data(x) if key else np.asarray(x), gathered, keys
+    )
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"fdqn {name}")
+
+
+def _any_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag]))))
+
+
+def _broadcast(value: int) -> int:
+    """The writer's ``value`` on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int64)))
 
 
 def _write_episodes(rows, metrics, seeds, episodes, recent, tb) -> None:
@@ -234,7 +304,7 @@ def _evaluate(run, state, config, seeds, step, index, rows, tb, stream) -> list[
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 1_000_003 * index))(
         np.asarray(seeds)
     )
-    scores = np.asarray(
+    scores = _fetch(
         run.evaluate(state.learner.params, keys, config.eval_episodes, config.eval_epsilon)
     )
     for seed, s in zip(seeds, scores):
@@ -279,8 +349,11 @@ def _recent_scores(path: str, seeds: list[int]) -> list[list[float]]:
 class _Csv:
     """Appends rows to a CSV file, writing its header when the file is new."""
 
-    def __init__(self, path: str, fields: list[str]):
-        new = not os.path.exists(path) or os.path.getsize(path) == 0
+    def __init__(self, path: str | None, fields: list[str]):
+        """``path`` None: rows go nowhere (a process other than the writer)."""
+        if path is None:
+            path = os.devnull
+        new = path != os.devnull and (not os.path.exists(path) or os.path.getsize(path) == 0)
         self._file = open(path, "a", newline="")
         self._writer = csv.writer(self._file)
         if new:

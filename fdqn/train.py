@@ -613,6 +613,34 @@ def make_parser() -> argparse.ArgumentParser:
         help="with --resume: continue from the checkpoint of this agent step",
     )
     parser.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="many processes (jax.distributed): process 0's address; also read from "
+        "FDQN_COORDINATOR",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="processes of the run, one per host (also read from FDQN_NUM_PROCESSES, "
+        "SLURM_NTASKS, WORLD_SIZE; default 1)",
+    )
+    parser.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="this process's index; 0 writes the run directory (also read from "
+        "FDQN_PROCESS_ID, SLURM_PROCID, RANK)",
+    )
+    parser.add_argument(
+        "--coordinator-timeout",
+        type=int,
+        default=120,
+        metavar="SECONDS",
+        help="how long a process waits for the others to join",
+    )
+    parser.add_argument(
         "--cpu-tuning",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -700,10 +728,21 @@ def _main(argv: list[str] | None, stops: StopRequests) -> int:
     resume_dir = args.pop("resume")
     checkpoint_step = args.pop("checkpoint")
     cpu_tuning = args.pop("cpu_tuning")
+    cluster_flags = [args.pop(k) for k in ("coordinator", "num_processes", "process_id")]
+    join_timeout = args.pop("coordinator_timeout")
 
     def fail(message: str) -> int:
         print(f"fdqn.train: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+    try:
+        cluster = parallel.cluster_from(*cluster_flags)
+    except parallel.LayoutError as e:
+        return fail(str(e))
+    if join_timeout < 1:
+        return fail(
+            f"--coordinator-timeout must be a positive number of seconds, got {join_timeout}"
+        )
 
     if resume_dir is not None:
         unexpected = sorted(set(args) - set(RESUME_OVERRIDES))
@@ -723,6 +762,16 @@ def _main(argv: list[str] | None, stops: StopRequests) -> int:
     # before JAX computes anything (XLA reads its flags once); said once the flags are valid
     tuning = cpu.tune() if cpu_tuning else None
     preset_name = preset_name or "atari"
+    if cluster.distributed:
+        return _join_run(cluster, join_timeout, preset_name, args, run_dir, resume_dir,
+                         checkpoint_step, cpu_tuning, tuning, stops, fail)  # fmt: skip
+    return _main_after_join(preset_name, args, run_dir, resume_dir, checkpoint_step, cpu_tuning,
+                            tuning, stops, fail)  # fmt: skip
+
+
+def _main_after_join(preset_name, args, run_dir, resume_dir, checkpoint_step, cpu_tuning, tuning,
+                     stops, fail) -> int:  # fmt: skip
+    """The run of this process once its processes are joined: it locks the run directory."""
     try:
         if resume_dir is not None:
             config = load_config(resume_dir).replace(**args).validate()
@@ -785,6 +834,7 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
                 f"or choose another --run-dir"
             )
     compiled = config.loop == "compiled" or config.num_seeds > 1 or config.devices > 1
+    compiled = compiled or jax.process_count() > 1
     if compiled or jax_envs.is_minatar(config.env):
         return _run_seeds(config, run_dir, resume, checkpoint_step, stops, cpu_tuning)
     # built before anything is written, so that a replay memory larger than the RAM
@@ -810,6 +860,36 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
     return 0
 
 
+def _join_run(cluster, join_timeout, preset_name, args, run_dir, resume_dir, checkpoint_step,
+              cpu_tuning, tuning, stops, fail) -> int:  # fmt: skip
+    """A run of many processes: process 0 as a run of one, the others beside it.
+
+    Every process is started with the same flags. Process 0 holds and writes
+    the run directory (shared by all: a network file system); the others
+    write nothing, compute their devices' share and wait for it at the
+    barriers. Only the compiled loop on gymnax environments runs so.
+    """
+    try:
+        parallel.initialize(cluster, join_timeout)
+    except parallel.LayoutError as e:
+        return fail(str(e))
+    if cluster.process_id == 0:
+        return _main_after_join(preset_name, args, run_dir, resume_dir, checkpoint_step,
+                                cpu_tuning, tuning, stops, fail)  # fmt: skip
+    seed_runs._barrier("run directory")  # process 0 has made, locked and recovered it
+    try:
+        if resume_dir is not None:
+            config, run_dir = load_config(resume_dir).replace(**args).validate(), resume_dir
+        else:
+            config = preset(preset_name).replace(**args).validate()
+            if run_dir is None:
+                return fail(f"{cluster.num_processes} processes need --run-dir (shared by all)")
+        return _run_seeds(config, run_dir, resume_dir is not None, checkpoint_step, stops,
+                          cpu_tuning, writer=False)  # fmt: skip
+    except ValueError as e:
+        return fail(str(e))
+
+
 def _run_seeds(
     config: Config,
     run_dir: str,
@@ -817,21 +897,38 @@ def _run_seeds(
     checkpoint_step: int | None,
     stops: StopRequests,
     cpu_layers: bool,
+    writer: bool = True,
 ) -> int:
     """The compiled loop: ``--num-seeds S`` seeds in one program (:mod:`fdqn.seed_runs`)."""
     mesh = None
-    if config.devices > 1:  # the layout is checked before anything is written
+    processes = jax.process_count()
+    if processes > 1 and not jax_envs.is_jax_env(config.env):
+        raise ValueError(f"several processes run gymnax envs; {config.env} steps on the host")
+    if resume:
+        _check_processes(run_dir, processes)
+    if config.devices > 1 or processes > 1:  # the layout is checked before anything is written
         layout = parallel.choose_layout(
-            config.devices, config.num_seeds, config.num_envs, config.batch_size
-        )
-        mesh = parallel.make_mesh(layout, jax.local_devices())
-        print(f"fdqn.train: {layout} devices: {mesh.devices.flat[0].platform}", file=sys.stderr)
-    if not resume or _saved_config(run_dir) != config:
-        save_config(config, run_dir)
+            config.devices * processes, config.num_seeds, config.num_envs, config.batch_size,
+            processes,
+        )  # fmt: skip
+        mesh = parallel.make_mesh(layout, parallel.devices_per_process(config.devices))
+        if writer:
+            print(f"fdqn.train: {layout} devices ({processes} process(es)): "
+                  f"{mesh.devices.flat[0].platform}", file=sys.stderr)  # fmt: skip
+    if writer:
+        if not resume or _saved_config(run_dir) != config:
+            save_config(config, run_dir)
+        if not resume:
+            rundir.atomic_write(
+                os.path.join(run_dir, LAYOUT_FILE),
+                lambda f: json.dump({"processes": processes}, f),
+            )
+        if processes > 1:
+            seed_runs._barrier("run directory")
     stops.accepting = stops.started = True
     result = seed_runs.train_seeds(
         config, run_dir, sys.stderr, stops, resume, checkpoint_step, cpu_layers=cpu_layers,
-        mesh=mesh,
+        mesh=mesh, writer=writer,
     )  # fmt: skip
     stops.accepting = False
     if result.status == "interrupted":
@@ -841,8 +938,25 @@ def _run_seeds(
         print(f"fdqn.train: error: the loss became NaN or infinite; stopped, last good "
               f"checkpoint: {last or 'none'}", file=sys.stderr)  # fmt: skip
         return EXIT_NAN
-    print(json.dumps(dataclasses.asdict(result)))
+    if writer:
+        print(json.dumps(dataclasses.asdict(result)))
     return 0
+
+
+LAYOUT_FILE = "layout.json"  # the process count of a compiled run: its resume needs the same
+
+
+def _check_processes(run_dir: str, processes: int) -> None:
+    try:
+        with open(os.path.join(run_dir, LAYOUT_FILE)) as f:
+            saved = json.load(f)["processes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        saved = 1  # a run of one process (or from before the file)
+    if saved != processes:
+        raise ValueError(
+            f"{run_dir} was trained by {saved} process(es); this run has {processes}: "
+            f"resume it with --num-processes {saved}"
+        )
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def command_line_data_parallel_and_resume() -> dict:
     return {
         "codes": codes,
         "agent_steps": [o["agent_steps"] for o in outputs],
-        "layout_line": "1 (seeds) x 4 (data) devices: cpu" in errors[0],
+        "layout_line": "1 (seeds) x 4 (data) devices (1 process(es)): cpu" in errors[0],
         "resumed": "resumed from" in errors[1],
     }
 
