@@ -236,7 +236,7 @@ class CompiledRun:
         specs = self.state_specs()
         return RunState(
             *(
-                jax.device_put(part, NamedSharding(self.mesh, spec))
+                parallel.put(part, NamedSharding(self.mesh, spec))
                 for part, spec in zip(state, specs)
             )
         )

@@ -25,6 +25,7 @@ environments of its own devices and holds their share of the replay.
 
 import dataclasses
 import os
+import threading
 
 import jax
 import numpy as np
@@ -126,6 +127,24 @@ def devices_per_process(count: int) -> list:
     return [d for _, devices in sorted(by_process.items()) for d in devices[:count]]
 
 
+def put(tree, sharding):
+    """``tree`` placed with ``sharding``, which may span the devices of many processes.
+
+    Every process passes the same values: each keeps the shards of its own
+    devices, cut from its host copy (PRNG keys as their key data).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(one(jax.random.key_data(x)))
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
+
+
 def data_parallel_update(mesh: Mesh, **loss_options):
     """:func:`fdqn.learner.update` of one learner over the mesh's ``data`` devices.
 
@@ -217,14 +236,30 @@ def cluster_from(
     return Cluster(coordinator, n, i)
 
 
-def initialize(cluster: Cluster, timeout_s: int = 60) -> None:
+def initialize(cluster: Cluster, timeout_s: int = 60, on_timeout=None) -> None:
     """Joins the run's processes through ``jax.distributed`` (nothing for one process).
 
+    JAX's runtime ends the process (an abort with a stack trace) when the
+    others do not join in time. ``on_timeout(message)``, if given, is called
+    instead, from a watchdog thread, once ``timeout_s`` have passed: the
+    command line prints the message as its one-line error and exits.
+
     Raises:
-      LayoutError: the coordinator did not answer within ``timeout_s``.
+      LayoutError: the runtime refused to start (e.g. a malformed address).
     """
     if not cluster.distributed:
         return
+    message = (
+        f"process {cluster.process_id} of {cluster.num_processes} could not join the run's "
+        f"processes at {cluster.coordinator} within {timeout_s} s (is process 0 running, "
+        f"and every process started with --num-processes {cluster.num_processes}?)"
+    )
+    watchdog = None
+    if on_timeout is not None:
+        watchdog = threading.Timer(timeout_s, on_timeout, args=(message,))
+        watchdog.daemon = True
+        watchdog.start()
+        timeout_s += 60  # the runtime's own deadline after the watchdog's
     try:
         jax.distributed.initialize(
             coordinator_address=cluster.coordinator,
@@ -234,7 +269,7 @@ def initialize(cluster: Cluster, timeout_s: int = 60) -> None:
         )
     except Exception as e:  # the runtime's errors are of several kinds, each many lines
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LayoutError(
-            f"process {cluster.process_id} of {cluster.num_processes} could not join the "
-            f"coordinator {cluster.coordinator} within {timeout_s} s: {first}"
-        ) from None
+        raise LayoutError(f"{message}: {first}") from None
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()

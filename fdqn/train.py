@@ -753,6 +753,11 @@ def _main(argv: list[str] | None, stops: StopRequests) -> int:
             return fail(f"--resume continues a run with its own config; drop {', '.join(flags)}")
     elif checkpoint_step is not None:
         return fail("--checkpoint picks the checkpoint --resume continues from; add --resume")
+    if resume_dir is not None:
+        try:  # before any process joins: a resume on another process count is refused
+            _check_processes(resume_dir, cluster.num_processes)
+        except ValueError as e:
+            return fail(str(e))
     if "" in (run_dir, resume_dir):
         return fail(f"--{'run-dir' if run_dir == '' else 'resume'} must not be empty")
     if checkpoint_step is not None and checkpoint_step < 0:
@@ -835,6 +840,7 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
             )
     compiled = config.loop == "compiled" or config.num_seeds > 1 or config.devices > 1
     compiled = compiled or jax.process_count() > 1
+    compiled = compiled or (resume and os.path.exists(os.path.join(run_dir, LAYOUT_FILE)))
     if compiled or jax_envs.is_minatar(config.env):
         return _run_seeds(config, run_dir, resume, checkpoint_step, stops, cpu_tuning)
     # built before anything is written, so that a replay memory larger than the RAM
@@ -869,8 +875,13 @@ def _join_run(cluster, join_timeout, preset_name, args, run_dir, resume_dir, che
     write nothing, compute their devices' share and wait for it at the
     barriers. Only the compiled loop on gymnax environments runs so.
     """
+
+    def give_up(message: str) -> None:  # the runtime would abort with a stack trace
+        print(f"fdqn.train: error: {message}", file=sys.stderr, flush=True)
+        os._exit(EXIT_USAGE)
+
     try:
-        parallel.initialize(cluster, join_timeout)
+        parallel.initialize(cluster, join_timeout, on_timeout=give_up)
     except parallel.LayoutError as e:
         return fail(str(e))
     if cluster.process_id == 0:
@@ -904,8 +915,6 @@ def _run_seeds(
     processes = jax.process_count()
     if processes > 1 and not jax_envs.is_jax_env(config.env):
         raise ValueError(f"several processes run gymnax envs; {config.env} steps on the host")
-    if resume:
-        _check_processes(run_dir, processes)
     if config.devices > 1 or processes > 1:  # the layout is checked before anything is written
         layout = parallel.choose_layout(
             config.devices * processes, config.num_seeds, config.num_envs, config.batch_size,

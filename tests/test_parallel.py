@@ -137,3 +137,85 @@ def test_cluster_from_flags_and_from_the_schedulers_variables():
 def test_bad_cluster_settings_are_one_line_errors(kwargs, message):
     with pytest.raises(parallel.LayoutError, match=message):
         parallel.cluster_from(environ={}, **kwargs)
+
+
+# -- two processes on this machine (jax.distributed, CPU collectives) -------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(*args: str) -> list[dict]:
+    """Runs two_processes.py as processes 0 and 1 of one run; the JSON lines of each."""
+    port = str(_free_port())
+    script = os.path.join(HERE, "two_processes.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(i), port, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in (0, 1)
+    ]
+    outputs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outputs.append([json.loads(line) for line in out.splitlines() if line.startswith("{")])
+    return outputs
+
+
+def test_two_processes_take_the_update_of_the_whole_batch():
+    (first,), second = _two_processes("update")
+    assert second == []  # process 0 reports
+    assert first["processes"] == 2 and first["devices"] == 2
+    assert first["moved"] > 1e-2 and first["difference"] < 1e-6
+
+
+def test_two_processes_train_and_resume_and_process_0_writes(tmp_path, capsys):
+    from fdqn import train
+
+    run_dir = str(tmp_path / "run")
+    first, second = _two_processes("train", run_dir)
+    # process 0 prints the run's summary, process 1 only its exit status
+    assert first[0]["agent_steps"] == 400 and first[-1] == {"process": 0, "code": 0}
+    assert second == [{"process": 1, "code": 0}]
+    with open(os.path.join(run_dir, "layout.json")) as f:
+        assert json.load(f) == {"processes": 2}
+    first, second = _two_processes("resume", run_dir)
+    assert first[0]["agent_steps"] == 600 and second == [{"process": 1, "code": 0}]
+    # one process cannot take up what two wrote: refused before anything changes
+    before = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert train.main(["--resume", run_dir, "--total-steps", "800"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"fdqn.train: error: {run_dir} was trained by 2 process(es); this run has 1: "
+        f"resume it with --num-processes 2"
+    ]
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == before
+
+
+def test_a_coordinator_nobody_runs_is_a_one_line_error_within_the_timeout(tmp_path):
+    import time
+
+    run_dir = tmp_path / "run"
+    port = _free_port()
+    start = time.monotonic()
+    out = subprocess.run(
+        [sys.executable, "-m", "fdqn.train", "--preset", "cartpole", "--run-dir", str(run_dir),
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
+         "--coordinator-timeout", "3", "--no-cpu-tuning"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and time.monotonic() - start < 60
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"fdqn.train: error: process 1 of 2 could not join the run's processes at "
+        f"127.0.0.1:{port} within 3 s (is process 0 running, and every process started with "
+        f"--num-processes 2?)"
+    )
+    assert not run_dir.exists()
