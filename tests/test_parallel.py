@@ -15,14 +15,18 @@ from fdqn.config import Config
 HERE = os.path.dirname(__file__)
 
 
-@pytest.fixture(scope="module")
-def four():
+def _on_four_devices(*checks: str) -> dict:
     out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "four_devices.py")],
+        [sys.executable, os.path.join(HERE, "four_devices.py"), *checks],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def four():
+    return _on_four_devices("seeds_over_devices", "data_parallel_update", "data_parallel_run")
 
 
 def test_seeds_sharded_over_four_devices_equal_the_unsharded_seeds(four):
@@ -55,8 +59,10 @@ def test_a_data_parallel_run_splits_envs_and_replay_and_keeps_one_learner(four):
     assert got["loss_finite"] and got["scores_shape"] == [1, 3]
 
 
-def test_the_command_line_trains_data_parallel_and_resumes_on_the_same_devices(four):
-    got = four["command_line_data_parallel_and_resume"]
+@pytest.mark.slow
+def test_the_command_line_trains_data_parallel_and_resumes_on_the_same_devices():
+    got = _on_four_devices("command_line_data_parallel_and_resume")
+    got = got["command_line_data_parallel_and_resume"]
     assert got["codes"] == [0, 0] and got["agent_steps"] == [400, 800]
     assert got["layout_line"] and got["resumed"]
 
@@ -178,6 +184,7 @@ def test_two_processes_take_the_update_of_the_whole_batch():
     assert first["moved"] > 1e-2 and first["difference"] < 1e-6
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_resume_and_process_0_writes(tmp_path, capsys):
     from fdqn import train
 
