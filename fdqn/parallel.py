@@ -16,7 +16,8 @@ on several devices runs under ``jax.shard_map`` over a two-axis
   optimizer state, replicated, take the step of the whole batch everywhere.
 
 :func:`choose_layout` picks the layout from the device count and the config:
-several seeds go over the ``seeds`` axis, one seed over ``data``.
+the seeds go over the ``seeds`` axis as far as they divide evenly, each seed
+over ``data`` for the rest.
 
 Many hosts run the same program after :func:`initialize` (``jax.distributed``):
 the mesh then spans every process's devices, each process steps the
@@ -24,6 +25,7 @@ environments of its own devices and holds their share of the replay.
 """
 
 import dataclasses
+import math
 import os
 import threading
 
@@ -66,31 +68,28 @@ def choose_layout(
 ) -> Layout:
     """The layout of ``num_devices`` devices for a run of ``num_seeds`` agents.
 
-    Several seeds are split over all devices (``num_seeds`` a multiple of
-    ``num_devices``); one seed is data-parallel (``num_envs`` and
-    ``batch_size`` multiples of ``num_devices``).
+    The seeds are split over as many devices as divide them evenly
+    (``gcd(num_seeds, num_devices)``); each seed is data-parallel over the
+    rest (``num_envs`` and ``batch_size`` multiples of their number). So 8
+    seeds on 4 devices are 4 x 1, one seed 1 x 4, 2 seeds 2 x 2.
 
     Raises:
       LayoutError: no layout fits; the message names the numbers that do.
     """
     if not isinstance(num_devices, int) or isinstance(num_devices, bool) or num_devices < 1:
         raise LayoutError(f"--devices must be a positive integer, got {num_devices!r}")
-    if num_seeds > 1:
-        if num_seeds % num_devices:
-            raise LayoutError(
-                f"--num-seeds {num_seeds} does not split over {num_devices} devices: "
-                f"use a multiple of {num_devices} seeds, or --devices dividing {num_seeds}"
-            )
-        return Layout(seeds=num_devices, data=1)
-    for name, value in (("--num-envs", num_envs), ("--batch-size", batch_size)):
-        if value % num_devices:
-            raise LayoutError(
-                f"{name} {value} does not split over {num_devices} devices (one seed is "
-                f"data-parallel: its envs and batch are split): use a multiple of {num_devices}"
-            )
     if num_devices % processes:
         raise LayoutError(f"{num_devices} devices do not split evenly over {processes} processes")
-    return Layout(seeds=1, data=num_devices)
+    seeds = math.gcd(num_seeds, num_devices)
+    data = num_devices // seeds
+    for name, value in (("--num-envs", num_envs), ("--batch-size", batch_size)):
+        if value % data:
+            raise LayoutError(
+                f"{name} {value} does not split over {data} devices (--num-seeds {num_seeds} "
+                f"on {num_devices} devices: each seed's envs and batches are split over {data}): "
+                f"use a multiple of {data}, or a multiple of {num_devices} seeds"
+            )
+    return Layout(seeds=seeds, data=data)
 
 
 def make_mesh(layout: Layout, devices=None) -> Mesh:

@@ -107,6 +107,23 @@ def data_parallel_run() -> dict:
     }
 
 
+def seeds_and_data() -> dict:
+    # 2 seeds x 2 data devices: each seed data-parallel over its own pair of devices
+    run = make_run(TINY, mesh=parallel.make_mesh(parallel.Layout(2, 2)))
+    state, metrics = run.run(run.init([3, 5]), 25)
+    params = state.learner.params[0]
+    by_device = {s.device.id: np.asarray(s.data) for s in params.addressable_shards}
+    grid = run.mesh.devices  # (seeds, data) of devices
+    pairs = [[by_device[d.id] for d in row] for row in grid]
+    return {
+        "obs_shape": list(state.obs.shape),
+        "updates": np.asarray(state.counters.updates).tolist(),
+        "replicas_equal": all(np.array_equal(a, b) for a, b in pairs),
+        "seeds_differ": bool(not np.allclose(pairs[0][0], pairs[1][0])),
+        "done_shape": list(metrics.done.shape),
+    }
+
+
 def command_line_data_parallel_and_resume() -> dict:
     import contextlib
     import io
@@ -140,7 +157,7 @@ def command_line_data_parallel_and_resume() -> dict:
 CHECKS = {
     f.__name__: f
     for f in (
-        seeds_over_devices, data_parallel_update, data_parallel_run,
+        seeds_over_devices, data_parallel_update, data_parallel_run, seeds_and_data,
         command_line_data_parallel_and_resume,
     )
 }  # fmt: skip

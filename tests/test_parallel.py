@@ -26,7 +26,9 @@ def _on_four_devices(*checks: str) -> dict:
 
 @pytest.fixture(scope="module")
 def four():
-    return _on_four_devices("seeds_over_devices", "data_parallel_update", "data_parallel_run")
+    return _on_four_devices(
+        "seeds_over_devices", "data_parallel_update", "data_parallel_run", "seeds_and_data"
+    )
 
 
 def test_seeds_sharded_over_four_devices_equal_the_unsharded_seeds(four):
@@ -59,6 +61,13 @@ def test_a_data_parallel_run_splits_envs_and_replay_and_keeps_one_learner(four):
     assert got["loss_finite"] and got["scores_shape"] == [1, 3]
 
 
+def test_two_seeds_each_data_parallel_over_two_devices(four):
+    got = four["seeds_and_data"]
+    assert got["obs_shape"] == [2, 2, 2, 4]  # seeds, data devices, 2 envs each, CartPole's 4
+    assert got["updates"] == [31, 31] and got["done_shape"] == [2, 25, 4]
+    assert got["replicas_equal"] and got["seeds_differ"]
+
+
 @pytest.mark.slow
 def test_the_command_line_trains_data_parallel_and_resumes_on_the_same_devices():
     got = _on_four_devices("command_line_data_parallel_and_resume")
@@ -72,11 +81,12 @@ def test_an_impossible_layout_on_the_command_line_writes_nothing(tmp_path, capsy
 
     run_dir = tmp_path / "run"
     argv = ["--preset", "cartpole", "--devices", "3", "--num-seeds", "4", "--run-dir", str(run_dir)]
-    assert train.main(argv) == 2
+    assert train.main(argv) == 2  # the preset's one env per seed does not split over 3
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "fdqn.train: error: --devices: --num-seeds 4 does not split over 3 devices: "
-        "use a multiple of 3 seeds, or --devices dividing 4"
+        "fdqn.train: error: --devices: --num-envs 1 does not split over 3 devices (--num-seeds 4 "
+        "on 3 devices: each seed's envs and batches are split over 3): use a multiple of 3, "
+        "or a multiple of 3 seeds"
     ]
     assert not run_dir.exists()
 
@@ -84,18 +94,25 @@ def test_an_impossible_layout_on_the_command_line_writes_nothing(tmp_path, capsy
 # -- layouts ---------------------------------------------------------------------------
 
 
-def test_layouts_seeds_over_devices_or_one_seed_data_parallel():
+def test_layouts_split_seeds_as_far_as_they_go_and_each_seed_over_the_rest():
     assert parallel.choose_layout(4, 8, 8, 32) == parallel.Layout(seeds=4, data=1)
     assert parallel.choose_layout(4, 1, 8, 32) == parallel.Layout(seeds=1, data=4)
+    assert parallel.choose_layout(4, 2, 8, 32) == parallel.Layout(seeds=2, data=2)
+    assert parallel.choose_layout(4, 6, 8, 32) == parallel.Layout(seeds=2, data=2)
     assert parallel.choose_layout(1, 1, 3, 5) == parallel.Layout(seeds=1, data=1)
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((4, 6, 8, 32), "--num-seeds 6 does not split over 4 devices: use a multiple of 4"),
+        (
+            (4, 3, 6, 32),
+            r"--num-envs 6 does not split over 4 devices \(--num-seeds 3 on 4 "
+            r"devices: each seed's envs and batches are split over 4\): use a "
+            r"multiple of 4, or a multiple of 4 seeds",
+        ),
         ((4, 1, 6, 32), "--num-envs 6 does not split over 4 devices"),
-        ((4, 1, 8, 30), "--batch-size 30 does not split over 4 devices"),
+        ((4, 2, 8, 31), "--batch-size 31 does not split over 2 devices"),
         ((0, 1, 8, 32), "--devices must be a positive integer, got 0"),
     ],
 )
