@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -109,6 +110,8 @@ class CompiledRun:
     blocks: int = 1  # host envs: the seeds whose games env.num_envs holds, num_envs each
     mesh: Any = None  # a fdqn.parallel mesh: the run is shard_map-ped over its devices
     data_shards: int = 1  # devices one agent's envs and batches are split over
+    learning_from: int = 0  # a resume without the replay: no updates before this step ...
+    updates_skipped: int = 0  # ... and the updates owed meanwhile, skipped (refilling)
 
     @property
     def local_envs(self) -> int:
@@ -283,16 +286,12 @@ class CompiledRun:
         counters, learner = state.counters, state.learner
         replay = self._replay_add(state.replay, state.obs, action, out)
         step = counters.agent_steps + n
-        learning = (step >= config.learning_starts) & (
+        learning = (step >= max(config.learning_starts, self.learning_from)) & (
             self._replay_size(replay) >= self.batch_share
         )
-        due = jnp.where(
-            learning,
-            jnp.maximum(
-                0, (step - config.learning_starts) // config.train_every + 1 - counters.updates
-            ),
-            0,
-        )
+        planned = (step - config.learning_starts) // config.train_every + 1  # updates by now
+        owed = planned - counters.updates - self.updates_skipped
+        due = jnp.where(learning, jnp.maximum(0, owed), 0)
         learner, learner_metrics = self._learn(
             learner, replay, learn_key, due, state.learner_metrics
         )
@@ -434,6 +433,19 @@ class CompiledRun:
 
         agents = jax.vmap(restart)(agents, obs)._replace(env_state=env_state)
         return agents if batched else _no_seed_axis(agents)
+
+    def refilling(self, counters: Counters) -> "CompiledRun":
+        """This run, continuing from ``counters`` with an empty replay: no updates for
+        ``learning_starts`` agent steps while it refills, the updates owed meanwhile
+        skipped, not made up (as the host loop does)."""
+        step = int(np.max(counters.agent_steps))
+        updates = int(np.max(counters.updates))
+        config = self.config
+        start = step + config.learning_starts
+        planned = (start - config.learning_starts) // config.train_every + 1
+        return dataclasses.replace(
+            self, learning_from=start, updates_skipped=max(0, planned - 1 - updates)
+        )
 
     @property
     def exact_resume(self) -> bool:

@@ -110,7 +110,9 @@ class Config:
     eval_epsilon: float = _field(0.05, "exploration rate while evaluating")
     checkpoint_every: int = _field(250_000, "agent steps between checkpoints (0: only at the end)")
     keep_checkpoints: int = _field(3, "checkpoints kept in the run directory")
-    save_replay: bool = _field(False, "include the replay memory in checkpoints (large)")
+    save_replay: bool = _field(
+        False, "include the replay memory in checkpoints (large; compiled gymnax runs always do)"
+    )
     prefault_replay: bool = _field(
         True,
         "map the replay memory's pages when it is built (Linux): no page faults while "

@@ -18,12 +18,14 @@ writes what the program returned:
   every seed's final evaluation, and ``learning_curve.png`` with every seed
   and their mean.
 
-Checkpoints hold every seed's whole run state, the replay included (at 7.1
-KB per Atari transition: mind ``--buffer-size`` and ``--keep-checkpoints``)
-and, on gymnax, the environments: ``--resume`` continues such a run exactly
-(``--checkpoint STEP`` picks one),
-and SIGINT or SIGTERM checkpoints before stopping. A NaN loss stops the run
-and keeps the last checkpoint.
+Checkpoints hold every seed's whole run state. On gymnax that includes the
+environments and the replay: ``--resume`` continues such a run exactly
+(``--checkpoint STEP`` picks one). Atari and gymnasium environments live on
+the host: a resume starts new games, and the replay is kept only with
+``--save-replay`` (7.1 KB per Atari transition); without it a resume refills
+the replay for ``learning_starts`` agent steps before the updates go on.
+SIGINT or SIGTERM checkpoints before stopping. A NaN loss stops the run and
+keeps the last checkpoint.
 """
 
 import csv
@@ -113,6 +115,12 @@ def train_seeds(
             + ("" if run.exact_resume else " (the environments start new games)")
             + "\n"
         )
+        if not counts.pop("replay"):
+            run = run.refilling(_fetch(state.counters))
+            stream.write(
+                f"the replay was not saved: it refills until agent step {run.learning_from:,}, "
+                f"where the updates resume (--save-replay keeps it in checkpoints)\n"
+            )
     elif resume:
         if writer:
             _broadcast(-1)
@@ -138,11 +146,17 @@ def train_seeds(
 
     saved_at = [start_step if resume else -1]
 
+    # gymnax runs resume exactly, so their replay is always kept; Atari and gymnasium
+    # runs (new games on a resume anyway) keep it with --save-replay (7.1 KB per Atari
+    # transition), else a resume refills it
+    keep_replay = config.save_replay or run.exact_resume
+
     def save() -> str:
         saved_at[0] = step
         counts.update(episodes=episodes, evaluations=evaluations)
-        meta = {"num_seeds": len(seeds), **counts}
-        arrays = checkpoint.tree_to_arrays("run", _fetch(state))  # every process takes part
+        meta = {"num_seeds": len(seeds), **counts, "replay": keep_replay}
+        kept = state if keep_replay else state._replace(replay=None)
+        arrays = checkpoint.tree_to_arrays("run", _fetch(kept))  # every process takes part
         path = checkpoint.path_of(run_dir, step)
         if writer:
             path = checkpoint.save(run_dir, step, arrays, meta, keep=config.keep_checkpoints)
@@ -321,7 +335,12 @@ def _evaluate(run, state, config, seeds, step, index, rows, tb, stream) -> list[
 
 
 def _restore(path: str, template: Any, num_seeds: int) -> tuple[Any, dict]:
+    """The state and counts of a checkpoint; a checkpoint without the replay gets the
+    template's (empty) one, and ``counts["replay"]`` False."""
     arrays, meta = checkpoint.load(path)
+    has_replay = meta.get("replay", True)  # checkpoints before 2026-12-04 always held it
+    if not isinstance(has_replay, bool):
+        raise checkpoint.CheckpointError(f"{path}/meta.json: replay must be true or false")
     if checkpoint.require(meta, "num_seeds", int, path) != num_seeds:
         raise checkpoint.CheckpointError(f"{path} holds {meta['num_seeds']} seeds, not {num_seeds}")
     episodes = checkpoint.require(meta, "episodes", list, path)
@@ -331,8 +350,13 @@ def _restore(path: str, template: Any, num_seeds: int) -> tuple[Any, dict]:
         "episodes": episodes,
         "evaluations": checkpoint.require(meta, "evaluations", int, path),
         "checkpoints": checkpoint.require(meta, "checkpoints", int, path),
+        "replay": has_replay,
     }
-    state = checkpoint.arrays_to_tree("run", arrays, template)
+    if has_replay:
+        state = checkpoint.arrays_to_tree("run", arrays, template)
+    else:
+        state = checkpoint.arrays_to_tree("run", arrays, template._replace(replay=None))
+        state = state._replace(replay=template.replay)
     if int(np.asarray(state.counters.agent_steps)[0]) != meta["step"]:
         raise checkpoint.CheckpointError(f"{path}: its state is not at step {meta['step']}")
     return state, counts

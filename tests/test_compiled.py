@@ -347,3 +347,16 @@ def test_the_minatar_preset_trains_compiled_from_the_command_line(tmp_path, caps
     assert summary["status"] == "finished" and summary["seeds"] == [1]
     assert summary["agent_steps"] == 320 and len(summary["final_eval"]) == 1
     assert os.path.isfile(os.path.join(run_dir, "model-seed1.keras"))
+
+
+def test_a_run_refilling_its_replay_skips_the_updates_owed_meanwhile(tiny):
+    state, _ = tiny.run(tiny.init(1), 50)  # 200 agent steps: (200 - 40) // 2 + 1 updates
+    assert int(state.counters.updates) == 81
+    refill = tiny.refilling(state.counters)
+    # no updates for learning_starts (40) agent steps; the 19 owed by then are skipped
+    assert (refill.learning_from, refill.updates_skipped) == (240, 101 - 1 - 81)
+    empty = tiny.init(1).replay
+    state, metrics = refill.run(state._replace(replay=empty), 10)  # agent steps 204-240
+    assert metrics.updates.tolist() == [81] * 9 + [82]  # the first update at step 240
+    state, _ = refill.run(state, 1)
+    assert int(state.counters.updates) == 84  # then one every 2 agent steps, as before

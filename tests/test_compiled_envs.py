@@ -1,6 +1,7 @@
 """Atari and gymnasium envs in compiled runs: ale-py's XLA calls and host callbacks
 against the host vector envs, and short runs."""
 
+import json
 import os
 
 import gymnasium as gym
@@ -269,3 +270,22 @@ def test_atari_steps_eagerly_and_in_the_compiled_scan_give_the_same_state():
     np.testing.assert_array_equal(state_c.replay.action, state_e.replay.action)
     for c, e in zip(state_c.learner.params, state_e.learner.params):
         np.testing.assert_allclose(c, e, rtol=1e-4, atol=1e-6)
+
+
+def test_gymnasium_seeds_checkpoint_without_the_replay_and_refill_it_on_resume(tmp_path, capsys):
+    from fdqn import checkpoint, train
+
+    run_dir = str(tmp_path / "run")
+    args = ["--env", "CartPole-v0", "--network", "mlp", "--loop", "compiled", "--num-seeds", "2",
+            "--num-envs", "2", "--hidden", "16,16", "--buffer-size", "400", "--batch-size", "16",
+            "--learning-starts", "100", "--eval-every", "0", "--eval-episodes", "2",
+            "--log-every", "200", "--checkpoint-every", "200", "--no-cpu-tuning"]  # fmt: skip
+    assert train.main([*args, "--total-steps", "200", "--run-dir", run_dir]) == 0
+    capsys.readouterr()
+    arrays, meta = checkpoint.load(checkpoint.latest_checkpoint(run_dir))
+    assert meta["replay"] is False
+    assert sum(a.nbytes for a in arrays.values()) < 100_000  # the 400-transition rings left out
+    assert train.main(["--resume", run_dir, "--total-steps", "400", "--no-cpu-tuning"]) == 0
+    captured = capsys.readouterr()
+    assert "the replay was not saved: it refills until agent step 300" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["seeds"] == [1, 2]
