@@ -19,6 +19,11 @@ seeds, stays outside the seed axis. Each seed has its own initial weights,
 environments and exploration keys; the result of a seed does not depend on
 which others run beside it.
 
+On several devices (``make_run(config, mesh=...)``, :mod:`fdqn.parallel`) the
+same steps run under ``jax.shard_map``: the seeds split over the mesh's
+``seeds`` devices, each seed's envs, replay and batches over its ``data``
+devices, with the gradients averaged across them.
+
 Within a step the order is: epsilon from the agent step count, epsilon-
 greedy actions of the online network, the environment step, the replay
 write, the updates due (one every ``train_every`` agent steps from
@@ -202,10 +207,10 @@ class CompiledRun:
     def _init_on_mesh(self, seeds: list[int]) -> RunState:
         """Every seed's state, placed on the mesh; with data shards, a set of envs (and their
         replay) per device, each reset with its own key, on an axis after the seed axis."""
-        per_seed = self.mesh.shape[parallel.SEEDS]
-        if len(seeds) % per_seed:
+        seed_devices = self.mesh.shape[parallel.SEEDS]
+        if len(seeds) % seed_devices:
             raise parallel.LayoutError(
-                f"{len(seeds)} seeds do not split over the mesh's {per_seed} seed devices"
+                f"{len(seeds)} seeds do not split over the mesh's {seed_devices} seed devices"
             )
         states = []
         for seed in seeds:
