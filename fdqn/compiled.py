@@ -534,11 +534,7 @@ def _on_mesh(run: CompiledRun, num_steps: int):
             state = state._replace(**jax.tree.map(lambda x: x[:, None], _per_device(state)))
         return state, metrics
 
-    # check_vma off: the learner, counters and keys are equal on every data device by
-    # construction (the same steps on the same means), which the check cannot see
-    mapped = jax.shard_map(
-        block, mesh=run.mesh, in_specs=(specs,), out_specs=(specs, metric_specs), check_vma=False
-    )
+    mapped = parallel.shard_map(block, run.mesh, in_specs=(specs,), out_specs=(specs, metric_specs))
     return jax.jit(mapped, donate_argnums=0)
 
 

@@ -108,6 +108,23 @@ def make_mesh(layout: Layout, devices=None) -> Mesh:
     return Mesh(grid, (SEEDS, DATA))
 
 
+def shard_map(f, mesh: Mesh, in_specs, out_specs):
+    """``jax.shard_map`` of ``f`` without the replication check.
+
+    fdqn's mapped functions return the learner, counters and keys replicated
+    over ``data`` because every device applies the same gradient mean: equal
+    by construction, which the check cannot see through the update loop.
+
+    Raises:
+      LayoutError: this JAX has no ``jax.shard_map`` (JAX 0.7 and later do).
+    """
+    if not hasattr(jax, "shard_map"):
+        raise LayoutError(
+            f"several devices need jax>=0.7 (jax.shard_map); this is {jax.__version__}"
+        )
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
 def devices_per_process(count: int) -> list:
     """The first ``count`` devices of every process, process by process (for :func:`make_mesh`).
 
@@ -158,11 +175,7 @@ def data_parallel_update(mesh: Mesh, **loss_options):
     def local(state, batch):
         return update(state, batch, axis_name=DATA, **loss_options)
 
-    # check_vma off: the new state is the same on every device (the same mean applied)
-    mapped = jax.shard_map(
-        local, mesh=mesh, in_specs=(P(), P(DATA)), out_specs=(P(), P()), check_vma=False
-    )
-    return jax.jit(mapped)
+    return jax.jit(shard_map(local, mesh, in_specs=(P(), P(DATA)), out_specs=(P(), P())))
 
 
 # -- many hosts -------------------------------------------------------------------
