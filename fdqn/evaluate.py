@@ -6,7 +6,9 @@
 loads the run's config and newest intact checkpoint (or the one of
 ``--checkpoint STEP``; or a Keras model file, such as the ``model.keras`` a
 run writes) and prints mean, median, spread of the unclipped game scores,
-then one JSON object on its last line.
+then one JSON object on its last line. A run of the compiled loop
+(``--num-seeds``, ``--loop compiled``, MinAtar) is played by its own
+compiled evaluator, every seed on games of its own, and reported per seed.
 Evaluation uses environments of its own, so it never disturbs training.
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from fdqn import checkpoint, envs, rundir
+from fdqn import checkpoint, envs, jax_envs, rundir, seed_runs
 from fdqn.config import Config, load_config, make_env, make_network
 from fdqn.networks import pure_q_fn
 from fdqn.rollout import Rollout
@@ -110,6 +112,60 @@ def load_run(
     return config, q_fn, params, found
 
 
+def load_seeds_run(
+    run_dir: str, step: int | None = None, warn: Callable[[str], None] = lambda _: None
+) -> tuple[Config, Any, int]:
+    """Config, every seed's parameters (stacked on a seed axis) and step of a compiled run's
+    newest intact checkpoint (or of ``step``).
+
+    The parameters are the checkpoint's arrays ``run/1 .. run/P``: the learner is
+    the run state's first field, and its leaves are the step count, then the
+    online parameters (:class:`fdqn.learner.TrainState`). Only they are read,
+    so a run of any layout (seeds, data-parallel, many processes) evaluates here.
+    """
+    config = load_config(run_dir)
+    _, template = pure_q_fn(_evaluation_run(config, 1).model)
+
+    def restore(path: str) -> tuple[Any, int]:
+        arrays, meta = checkpoint.load(path)
+        seeds = checkpoint.require(meta, "num_seeds", int, path)
+        params = []
+        for i, want in enumerate(template, start=1):
+            got = arrays.get(f"run/{i}")
+            if got is None or got.shape != (seeds, *want.shape) or got.dtype != want.dtype:
+                raise checkpoint.CheckpointError(
+                    f"{path}: run/{i} is not the parameters of {seeds} seed(s) of this network"
+                )
+            params.append(got)
+        return params, meta["step"]
+
+    _, (params, found), skipped = checkpoint.restore_newest(run_dir, restore, step=step)
+    for path, reason in skipped:
+        warn(f"warning: skipped damaged checkpoint {path}: {reason}")
+    return config, params, found
+
+
+def evaluate_seeds(
+    config: Config, params: Any, episodes: int, epsilon: float, seed: int
+) -> np.ndarray:
+    """``(seeds, episodes)`` true scores: each seed's parameters (stacked on a leading
+    axis) play games of their own in the compiled run's evaluator."""
+    import jax
+
+    seeds = int(np.shape(jax.tree.leaves(params)[0])[0])
+    run = _evaluation_run(config, seeds)
+    keys = jax.random.split(jax.random.key(seed), seeds)
+    return np.asarray(run.evaluate(params, keys, episodes, epsilon)).reshape(seeds, episodes)
+
+
+def _evaluation_run(config: Config, seeds: int):
+    """The compiled run of ``config`` for ``seeds`` seeds on one device, with one game per
+    seed to build it (its evaluator makes environments of its own)."""
+    from fdqn import compiled
+
+    return compiled.make_run(config.replace(num_seeds=seeds, num_envs=1, devices=1))
+
+
 def check_writable(path: str) -> None:
     """Refuses (one-line ValueError) an output file that could not be written."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -188,11 +244,19 @@ def main(argv: list[str] | None = None) -> int:
     if model_file and args.checkpoint is not None:
         print("fdqn.evaluate: error: --checkpoint needs a run directory", file=sys.stderr)
         return 2
+    seeds = False  # played by the compiled run's evaluator, per seed
     try:
         if args.gif:
             check_writable(args.gif)
         if model_file:
             (config, q_fn, params), step = load_model_file(args.run_dir, args.env), None
+            if jax_envs.is_minatar(config.env):  # gymnax only: no host env to play on
+                seeds, params = True, [np.asarray(p)[None] for p in params]
+        elif seed_runs.ran_compiled(load_config(args.run_dir), args.run_dir):
+            seeds = True
+            config, params, step = load_seeds_run(
+                args.run_dir, args.checkpoint, warn=lambda text: print(text, file=sys.stderr)
+            )
         else:
             config, q_fn, params, step = load_run(
                 args.run_dir, args.checkpoint, warn=lambda text: print(text, file=sys.stderr)
@@ -207,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.gif and not envs.is_atari(config.env):
         print(f"fdqn.evaluate: error: --gif needs an Atari run, not {config.env}", file=sys.stderr)
         return 2
+    if args.gif and seeds:
+        print("fdqn.evaluate: error: --gif plays a model file or a run of the host loop; "
+              "give RUN_DIR/model-seedN.keras", file=sys.stderr)  # fmt: skip
+        return 2
+    if seeds:
+        return _report_seeds(args, config, params, step, epsilon)
     frames = [] if args.gif else None
     scores = evaluate(q_fn, params, config, args.episodes, epsilon, args.seed, frames=frames)
     if args.gif:
@@ -235,6 +305,36 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['median']:.2f}, std {summary['std']:.2f}, min {summary['min']:.0f}, "
         f"max {summary['max']:.0f} over {len(scores)} games (epsilon {epsilon})"
     )
+    print(json.dumps(summary))
+    return 0
+
+
+def _report_seeds(args, config: Config, params: Any, step: int | None, epsilon: float) -> int:
+    """Every seed's games in the compiled evaluator: a line per seed, then the JSON."""
+    scores = evaluate_seeds(config, params, args.episodes, epsilon, args.seed)
+    where = f"at step {step:,}" if step is not None else f"from {args.run_dir}"
+    seeds = [config.seed + i for i in range(len(scores))] if step is not None else [None]
+    for seed, s in zip(seeds, scores):
+        which = "" if seed is None else f", seed {seed}"
+        print(
+            f"{config.env} {where}{which}: mean {s.mean():.2f}, median "
+            f"{np.median(s):.2f}, std {s.std():.2f}, min {s.min():.0f}, max {s.max():.0f} "
+            f"over {len(s)} games (epsilon {epsilon})"
+        )
+    summary = {
+        "run_dir": args.run_dir,
+        "step": step,
+        "env": config.env,
+        "epsilon": epsilon,
+        "episodes": args.episodes,
+        "seeds": seeds,
+        "seed_means": [float(s.mean()) for s in scores],
+        "mean": float(scores.mean()),
+        "median": float(np.median(scores)),
+        "std": float(scores.std()),
+        "min": float(scores.min()),
+        "max": float(scores.max()),
+    }
     print(json.dumps(summary))
     return 0
 

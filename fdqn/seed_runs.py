@@ -39,12 +39,26 @@ from typing import Any, TextIO
 import jax
 import numpy as np
 
-from fdqn import checkpoint, networks, reporting, rundir
+from fdqn import checkpoint, jax_envs, networks, reporting, rundir
 from fdqn.compiled import make_run
 from fdqn.config import Config
 
 METRIC_FIELDS = ["step", "seed", "episode", "score", "length", "epsilon", "loss"]
 EVAL_FIELDS = ["step", "seed", "episodes", "mean", "median", "std", "min", "max"]
+
+
+LAYOUT_FILE = "layout.json"  # the process count of a compiled run: its resume needs the same
+
+
+def ran_compiled(config: Config, run_dir: str) -> bool:
+    """Whether ``config`` trains (or trained, in ``run_dir``) with the compiled loop."""
+    return (
+        config.loop == "compiled"
+        or config.num_seeds > 1
+        or config.devices > 1
+        or jax_envs.is_minatar(config.env)
+        or os.path.exists(os.path.join(run_dir, LAYOUT_FILE))
+    )
 
 
 @dataclasses.dataclass

@@ -838,10 +838,7 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
                 f"run directory {run_dir} is not empty: continue it with --resume {run_dir} "
                 f"or choose another --run-dir"
             )
-    compiled = config.loop == "compiled" or config.num_seeds > 1 or config.devices > 1
-    compiled = compiled or jax.process_count() > 1
-    compiled = compiled or (resume and os.path.exists(os.path.join(run_dir, LAYOUT_FILE)))
-    if compiled or jax_envs.is_minatar(config.env):
+    if jax.process_count() > 1 or seed_runs.ran_compiled(config, run_dir):
         return _run_seeds(config, run_dir, resume, checkpoint_step, stops, cpu_tuning)
     # built before anything is written, so that a replay memory larger than the RAM
     # fails here; mapping the memory takes seconds per GiB on some machines
@@ -952,7 +949,7 @@ def _run_seeds(
     return 0
 
 
-LAYOUT_FILE = "layout.json"  # the process count of a compiled run: its resume needs the same
+LAYOUT_FILE = seed_runs.LAYOUT_FILE
 
 
 def _check_processes(run_dir: str, processes: int) -> None:

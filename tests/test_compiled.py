@@ -225,6 +225,23 @@ def test_num_seeds_trains_them_in_one_program_from_the_command_line(tmp_path, ca
     np.testing.assert_allclose(evals["mean"][2:], summary["final_eval"])
     for name in ("model-seed4.keras", "model-seed5.keras", "learning_curve.png", "config.json"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
+    # fdqn.evaluate plays every seed of the newest checkpoint: the parameters of the model files
+    import keras
+
+    from fdqn import evaluate
+    from fdqn.config import load_config
+    from fdqn.networks import pure_q_fn
+
+    capsys.readouterr()
+    assert evaluate.main([run_dir, "--episodes", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["seeds"] == [4, 5] and report["step"] == 400 and report["episodes"] == 2
+    files = [os.path.join(run_dir, f"model-seed{s}.keras") for s in (4, 5)]
+    models = [pure_q_fn(keras.saving.load_model(f))[1] for f in files]
+    stacked = [np.stack(ws) for ws in zip(*models)]
+    config = load_config(run_dir)
+    scores = evaluate.evaluate_seeds(config, stacked, 2, config.eval_epsilon, 12345)
+    np.testing.assert_array_equal(scores.mean(axis=1), report["seed_means"])
     # a resume of a finished run trains nothing more and changes nothing
     before = open(os.path.join(run_dir, "eval.csv")).read()
     assert train.main(["--resume", run_dir, "--no-cpu-tuning"]) == 0
