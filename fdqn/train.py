@@ -873,6 +873,31 @@ def _join_run(cluster, join_timeout, preset_name, args, run_dir, resume_dir, che
     barriers. Only the compiled loop on gymnax environments runs so.
     """
 
+    # everything a process can check alone is checked before joining: a process that
+    # stops here leaves the others to the join's timeout, a one-line error, not a hang
+    try:
+        if resume_dir is not None:
+            config = load_config(resume_dir).replace(**args).validate()
+        else:
+            config = preset(preset_name).replace(**args).validate()
+            if run_dir is None:
+                return fail(f"{cluster.num_processes} processes need --run-dir (shared by all)")
+            if (
+                cluster.process_id == 0
+                and os.path.isdir(run_dir)
+                and rundir.visible_entries(run_dir)
+            ):
+                return fail(f"run directory {run_dir} is not empty: continue it with --resume "
+                            f"{run_dir} or choose another --run-dir")  # fmt: skip
+        if not jax_envs.is_jax_env(config.env):
+            raise ValueError(f"several processes run gymnax envs; {config.env} steps on the host")
+        parallel.choose_layout(
+            config.devices * cluster.num_processes, config.num_seeds, config.num_envs,
+            config.batch_size, cluster.num_processes,
+        )  # fmt: skip
+    except ValueError as e:  # ConfigError and LayoutError included
+        return fail(str(e))
+
     def give_up(message: str) -> None:  # the runtime would abort with a stack trace
         print(f"fdqn.train: error: {message}", file=sys.stderr, flush=True)
         os._exit(EXIT_USAGE)
@@ -886,14 +911,8 @@ def _join_run(cluster, join_timeout, preset_name, args, run_dir, resume_dir, che
                                 cpu_tuning, tuning, stops, fail)  # fmt: skip
     seed_runs._barrier("run directory")  # process 0 has made, locked and recovered it
     try:
-        if resume_dir is not None:
-            config, run_dir = load_config(resume_dir).replace(**args).validate(), resume_dir
-        else:
-            config = preset(preset_name).replace(**args).validate()
-            if run_dir is None:
-                return fail(f"{cluster.num_processes} processes need --run-dir (shared by all)")
-        return _run_seeds(config, run_dir, resume_dir is not None, checkpoint_step, stops,
-                          cpu_tuning, writer=False)  # fmt: skip
+        return _run_seeds(config, resume_dir or run_dir, resume_dir is not None, checkpoint_step,
+                          stops, cpu_tuning, writer=False)  # fmt: skip
     except ValueError as e:
         return fail(str(e))
 

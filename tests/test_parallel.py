@@ -231,7 +231,8 @@ def test_a_coordinator_nobody_runs_is_a_one_line_error_within_the_timeout(tmp_pa
     port = _free_port()
     start = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "fdqn.train", "--preset", "cartpole", "--run-dir", str(run_dir),
+        [sys.executable, "-m", "fdqn.train", "--preset", "cartpole", "--num-envs", "2",
+         "--run-dir", str(run_dir),
          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", "1",
          "--coordinator-timeout", "3", "--no-cpu-tuning"],
         capture_output=True, text=True, timeout=120,
@@ -242,4 +243,20 @@ def test_a_coordinator_nobody_runs_is_a_one_line_error_within_the_timeout(tmp_pa
         f"127.0.0.1:{port} within 3 s (is process 0 running, and every process started with "
         f"--num-processes 2?)"
     )
+    assert not run_dir.exists()
+
+
+def test_a_layout_no_process_can_run_stops_each_before_it_joins(tmp_path, capsys):
+    from fdqn import train
+
+    run_dir = tmp_path / "run"
+    # one seed on two processes' devices is data-parallel: 3 envs do not split over 2
+    argv = ["--preset", "cartpole", "--num-envs", "3", "--run-dir", str(run_dir), "--coordinator",
+            "127.0.0.1:1", "--num-processes", "2", "--process-id", "1"]  # fmt: skip
+    assert train.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fdqn.train: error: --num-envs 3 does not split over 2 devices (--num-seeds 1 on 2 "
+        "devices: each seed's envs and batches are split over 2): use a multiple of 2, or a "
+        "multiple of 2 seeds"
+    ]
     assert not run_dir.exists()
