@@ -445,11 +445,12 @@ class CompiledRun:
         skipped, not made up (as the host loop does)."""
         step = int(np.max(counters.agent_steps))
         updates = int(np.max(counters.updates))
-        config = self.config
-        start = step + config.learning_starts
-        planned = (start - config.learning_starts) // config.train_every + 1
+        # the first update from learning_from on is the (planned - 1)-th one had none been skipped
+        planned = step // self.config.train_every + 1
         return dataclasses.replace(
-            self, learning_from=start, updates_skipped=max(0, planned - 1 - updates)
+            self,
+            learning_from=step + self.config.learning_starts,
+            updates_skipped=max(0, planned - 1 - updates),
         )
 
     @property
@@ -652,9 +653,8 @@ def make_run(config: Config, env=None, cpu_layers: bool = False, mesh=None) -> C
                 raise parallel.LayoutError(
                     f"{name} {value} does not split over {shards} data devices"
                 )
-        config_env = config.replace(num_envs=config.num_envs // shards)
-        env = env if env is not None else make_env(config_env)
-    env = env if env is not None else make_env(config)
+    if env is None:  # with data shards, each device's share of the envs
+        env = make_env(config.replace(num_envs=config.num_envs // shards))
     blocks = 1
     if not _vmappable(env):
         blocks = config.num_seeds

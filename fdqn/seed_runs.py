@@ -146,6 +146,8 @@ def train_seeds(
             f"{run_dir} is at agent step {step:,} of --total-steps {config.total_steps:,}: "
             f"nothing to train (a larger --total-steps continues it)\n"
         )
+        if not writer:
+            stream.close()
         return SeedsResult("finished", step, seeds, None)
     for name in ("metrics.csv", "eval.csv") if writer else ():
         dropped = reporting.truncate_csv(os.path.join(run_dir, name), step)
