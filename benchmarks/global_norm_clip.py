@@ -50,7 +50,7 @@ def main() -> None:
         next_obs=rng.integers(0, 256, (32, 4, 84, 84), dtype=np.uint8),
         terminated=rng.random(32) < 0.1,
     )
-    model = fdqn.cpu.space_to_depth_model(fdqn.nature_cnn(4, seed=0))
+    model = fdqn.cpu.cpu_model(fdqn.nature_cnn(4, seed=0))
     clips = {"optax": optax.clip_by_global_norm(10.0), "dot": dot_clip_by_global_norm(10.0)}
     states = {
         name: fdqn.create_train_state(

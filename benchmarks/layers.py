@@ -14,7 +14,7 @@ activation:
 
 Implementations, each in its own worker process:
 
-- ``fdqn``: the forms fdqn's networks use, jitted: :func:`fdqn.networks.strided_conv`
+- ``fdqn``: the forms fdqn's networks use, jitted: :func:`fdqn.cpu.conv2d`
   (space-to-depth forward pass for the notebook's first layer, space-to-depth
   input gradients) and XLA's kernel gradients and stride-1 convolutions,
   under fdqn's XLA flags;
@@ -99,9 +99,9 @@ class FdqnLayers:
         import fdqn.cpu
 
         fdqn.cpu.tune()  # fdqn's XLA flag and malloc settings, before JAX starts
-        from fdqn.cpu import strided_conv
+        from fdqn.cpu import conv2d
 
-        self.jax, self.strided_conv = jax, strided_conv
+        self.jax, self.conv2d = jax, conv2d
 
     def build(self, op: str):
         jax = self.jax
@@ -120,7 +120,7 @@ class FdqnLayers:
             form = "space_to_depth" if layer == "notebook/conv1" else "direct"
 
             def fwd(x, w):
-                return self.strided_conv(x, w, (stride, stride), form)
+                return self.conv2d(x, w, (stride, stride), form)
 
         if which == "forward":
             fn, args = jax.jit(fwd), (x, w)

@@ -3,13 +3,13 @@
 For the Nature CNN (batch 32, Adam) and the notebook's network (batch 64,
 RMSProp, raw pixels): one ``fdqn.update`` and one ``fdqn.select_actions`` call
 for 8 observations, with ``space_to_depth=False`` (``keras.layers.Conv2D``) and
-``True`` (``fdqn.cpu.SpaceToDepthConv2D``, same weights), all four in one process,
+``True`` (``fdqn.cpu.CpuConv2D``, same weights), all four in one process,
 alternating (A B C D A B ...) over rounds; medians. Then, for each strided
 convolution of the two networks whose input gradient an update needs, the time
 of that gradient alone: XLA's (``jax.lax.conv_general_dilated``) against
-``fdqn.networks.strided_conv``'s, alternating; and for the two first layers,
+``fdqn.cpu.conv2d``'s, alternating; and for the two first layers,
 the forward pass alone, XLA's strided convolution against the space-to-depth
-form (``strided_conv(..., forward="space_to_depth")``, which the notebook
+form (``conv2d(..., forward="space_to_depth")``, which the notebook
 network's first layer uses). All run under whatever XLA
 flags the process has (fdqn's CPU defaults unless XLA_FLAGS is set). The last
 line of output is one JSON object.
@@ -35,7 +35,7 @@ fdqn.cpu.tune()  # the XLA flag and malloc settings fdqn.train applies on a CPU
 
 
 def _layers(model, s2d):
-    return fdqn.cpu.space_to_depth_model(model) if s2d else model
+    return fdqn.cpu.cpu_model(model) if s2d else model
 
 
 SETUPS = {
@@ -87,9 +87,7 @@ def forward_ms(rounds: int) -> dict:
     for name, batch, size, channels, filters, kernel, stride in FIRST_LAYERS:
         x, w = layer_arrays(rng, batch, size, channels, filters, kernel)
         for forward in ("direct", "space_to_depth"):
-            fn = functools.partial(
-                fdqn.networks.strided_conv, strides=(stride, stride), forward=forward
-            )
+            fn = functools.partial(fdqn.cpu.conv2d, strides=(stride, stride), forward=forward)
             fns[f"{name}/{forward}"], args[f"{name}/{forward}"] = jax.jit(fn), (x, w)
     return time_alternating(fns, args, rounds)
 
@@ -128,9 +126,9 @@ def input_gradient_ms(rounds: int) -> dict:
             return jax.vjp(lambda v: conv(v, w), x)[1](g)[0]
 
         def ours(x, w, g, strides=strides):
-            return jax.vjp(lambda v: fdqn.networks.strided_conv(v, w, strides), x)[1](g)[0]
+            return jax.vjp(lambda v: fdqn.cpu.conv2d(v, w, strides), x)[1](g)[0]
 
-        for impl, fn in (("xla", xla), ("strided_conv", ours)):
+        for impl, fn in (("xla", xla), ("conv2d", ours)):
             fns[f"{name}/{impl}"], args[f"{name}/{impl}"] = jax.jit(fn), (x, w, g)
     return time_alternating(fns, args, rounds)
 
@@ -186,7 +184,7 @@ def main() -> int:
     for name, r in result.items():
         print(f"{name:>24}: update {r['update_ms']:.1f} ms, actions (8 obs) {r['act8_ms']:.2f} ms")
     grads = input_gradient_ms(args.rounds)
-    print_pairs(grads, LAYERS, "input gradient", ("xla", "XLA"), ("strided_conv", "strided_conv"))
+    print_pairs(grads, LAYERS, "input gradient", ("xla", "XLA"), ("conv2d", "conv2d"))
     result["input_gradient_ms"] = grads
     forwards = forward_ms(args.rounds)
     print_pairs(

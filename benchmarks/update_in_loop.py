@@ -8,7 +8,10 @@ iteration to the next. This measures what that costs per update, for the
 whole ``fdqn.update`` (Adam, global-norm clipping, batch 32 of Atari stacks)
 and for a plain gradient step, each timed alone under ``jit`` and as one of
 4 iterations of a ``fori_loop`` that carries the parameters; the two forms
-alternate within each round, and medians are printed.
+alternate within each round, and medians are printed. Each is measured
+with the stock Keras network and with its :func:`fdqn.cpu.cpu_model` copy
+(the layers ``python -m fdqn.train`` uses on a CPU), whose gradient
+convolutions are in the form XLA:CPU runs fast in loop bodies too.
 """
 
 import argparse
@@ -36,10 +39,8 @@ def main() -> None:
     from fdqn.learner import Batch, create_train_state, make_optimizer, update
 
     print(f"jax {jax.__version__}, devices {jax.devices()}; {tuning}")
-    model = networks.nature_cnn(4, seed=0)
-    if tuning is not None:
-        model = cpu.space_to_depth_model(model)
-    state = create_train_state(model, make_optimizer("adam", 1e-4), jax.random.key(0))
+    stock = networks.nature_cnn(4, seed=0)
+    models = {"stock Conv2D": stock, "cpu_model": cpu.cpu_model(stock)}
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 255, (2, 32, 4, 84, 84), dtype=np.uint8)
     batch = Batch(
@@ -48,9 +49,12 @@ def main() -> None:
         jnp.zeros(32, bool),
     )  # fmt: skip
 
-    def sgd(params):
-        grads = jax.grad(lambda p: state.q_fn(p, batch.obs).sum())(params)
-        return jax.tree.map(lambda a, g: a - 1e-9 * g, params, grads)
+    def sgd_of(q_fn):
+        def sgd(params):
+            grads = jax.grad(lambda p: q_fn(p, batch.obs).sum())(params)
+            return jax.tree.map(lambda a, g: a - 1e-9 * g, params, grads)
+
+        return sgd
 
     def dqn(s):
         return update(s, batch)[0]
@@ -58,10 +62,11 @@ def main() -> None:
     def in_loop(step):
         return jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, x: step(x), x))
 
-    cases = {
-        "fdqn.update": (dqn, state),
-        "gradient step": (sgd, state.params),
-    }
+    cases = {}
+    for layers, model in models.items():
+        state = create_train_state(model, make_optimizer("adam", 1e-4), jax.random.key(0))
+        cases[f"fdqn.update, {layers}"] = (dqn, state)
+        cases[f"gradient step, {layers}"] = (sgd_of(state.q_fn), state.params)
     for name, (step, x) in cases.items():
         forms = {"alone": (jax.jit(step), 1), "in a fori_loop": (in_loop(step), 4)}
         times = {form: [] for form in forms}
@@ -73,7 +78,7 @@ def main() -> None:
                 jax.block_until_ready(f(x))
                 times[form].append((time.perf_counter() - start) / per * 1e3)
         alone, looped = (statistics.median(times[f]) for f in forms)
-        print(f"{name:14s}: alone {alone:7.1f} ms, in a fori_loop {looped:7.1f} ms per update "
+        print(f"{name:28s}: alone {alone:7.1f} ms, in a fori_loop {looped:7.1f} ms per update "
               f"(x{looped / alone:.1f})")  # fmt: skip
 
 

@@ -628,7 +628,7 @@ def make_run(config: Config, env=None, cpu_layers: bool = False, mesh=None) -> C
 
     ``env`` defaults to :func:`make_env` of the config; a host environment
     must hold ``num_seeds x num_envs`` games. ``cpu_layers``
-    computes the network through :func:`fdqn.cpu.space_to_depth_model` (the
+    computes the network through :func:`fdqn.cpu.cpu_model` (the
     same parameters), as :func:`fdqn.train.build` does. ``mesh``
     (:func:`fdqn.parallel.make_mesh`) runs it over several devices: seeds
     split over its ``seeds`` axis, each agent's envs and batches over its
@@ -667,7 +667,7 @@ def make_run(config: Config, env=None, cpu_layers: bool = False, mesh=None) -> C
     if cpu_layers:
         from fdqn import cpu
 
-        q_fn, _ = pure_q_fn(cpu.space_to_depth_model(model))
+        q_fn, _ = pure_q_fn(cpu.cpu_model(model))
     else:
         q_fn, _ = pure_q_fn(model)
     optimizer = make_optimizer(

@@ -8,10 +8,10 @@ kinds of tuning pay (``benchmarks/README.md`` has the side-by-side figures):
   before JAX computes anything. ``python -m fdqn.train`` makes it by default
   when JAX has no accelerator plugin installed (``--no-cpu-tuning`` turns it
   off) and says so in its first line.
-- layers, :func:`space_to_depth_model`: a copy of a Keras model whose
-  strided convolutions are :class:`SpaceToDepthConv2D` layers. Same
-  variables, outputs and gradients (up to float32 rounding), computed in
-  forms XLA:CPU runs faster. The networks fdqn builds are stock Keras
+- layers, :func:`cpu_model`: a copy of a Keras model whose convolutions are
+  :class:`CpuConv2D` layers. Same variables, outputs and gradients (up to
+  float32 rounding), computed in forms XLA:CPU runs faster, and in loop
+  bodies many times faster. The networks fdqn builds are stock Keras
   layers; the rewrite is applied to a copy and parameters carry over both
   ways unchanged, so saved models stay portable.
 """
@@ -191,26 +191,37 @@ def _tune_malloc(skipped: list[str]) -> dict[str, int] | None:
 
 # -- layers ----------------------------------------------------------------------
 
+# XLA:CPU hands a convolution to its Eigen kernels only in one form: NHWC input,
+# HWIO kernel, NHWC output (b01f_01io->b01f in HLO). Its convolution-
+# canonicalization pass rewrites other forms into that one with transposes, but
+# only in the entry computation: inside a loop body (a lax.scan or fori_loop,
+# where the compiled run takes its updates) the gradient convolutions JAX
+# derives, which have their batch and feature axes swapped (f01b_i01o->01bf)
+# or a reversed kernel with its channels swapped (b01f_01oi->b01f), go to the
+# elementwise loop emitter instead: the Nature CNN's update runs about 20x
+# slower there (benchmarks/update_in_loop.py). Every convolution below, the
+# gradients included, is written in the Eigen form, with explicit transposes.
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
 
 def _direct_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
-    return jax.lax.conv_general_dilated(
-        x, kernel, strides, "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
+    return jax.lax.conv_general_dilated(x, kernel, strides, "VALID", dimension_numbers=_NHWC)
 
 
-def _space_to_depth_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
-    """The same convolution as ``_direct_conv``, as space-to-depth + a stride-1 convolution.
-
-    The kernel is zero-padded to a whole number of ``sh x sw`` blocks, kernel
-    and input are cut into those blocks and the blocks stacked along channels;
-    a stride-1 convolution with a ``ceil(k / s)``-sized kernel does the rest.
-    """
+def _kernel_blocks(kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """The kernel of the space-to-depth form: zero-padded to whole ``sh x sw`` blocks, stacked."""
     (kh, kw), (sh, sw) = kernel.shape[:2], strides
     bh, bw = -(-kh // sh), -(-kw // sw)  # kernel size in blocks
     cin, cout = kernel.shape[2], kernel.shape[3]
     kernel = jnp.pad(kernel, ((0, bh * sh - kh), (0, bw * sw - kw), (0, 0), (0, 0)))
     kernel = kernel.reshape(bh, sh, bw, sw, cin, cout).transpose(0, 2, 1, 3, 4, 5)
-    kernel = kernel.reshape(bh, bw, sh * sw * cin, cout)
+    return kernel.reshape(bh, bw, sh * sw * cin, cout)
+
+
+def _input_blocks(x: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int]) -> jax.Array:
+    """The input of the space-to-depth form: cut into ``sh x sw`` blocks stacked along channels."""
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    bh, bw = -(-kh // sh), -(-kw // sw)
     n, h, w, c = x.shape
     oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
     # rows and columns the zero-padded kernel reaches: a whole number of blocks
@@ -219,21 +230,68 @@ def _space_to_depth_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, in
     if nh > h or nw > w:  # only zero taps reach these
         x = jnp.pad(x, ((0, 0), (0, max(0, nh - h)), (0, max(0, nw - w)), (0, 0)))
     x = x.reshape(n, nh // sh, sh, nw // sw, sw, c).transpose(0, 1, 3, 2, 4, 5)
-    x = x.reshape(n, nh // sh, nw // sw, sh * sw * c)
-    return _direct_conv(x, kernel, (1, 1))
+    return x.reshape(n, nh // sh, nw // sw, sh * sw * c)
+
+
+def _space_to_depth_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int]) -> jax.Array:
+    """The same convolution as ``_direct_conv``, as space-to-depth + a stride-1 convolution.
+
+    Kernel and input are cut into ``sh x sw`` blocks and the blocks stacked
+    along channels; a stride-1 convolution with a ``ceil(k / s)``-sized
+    kernel does the rest.
+    """
+    blocks = _input_blocks(x, kernel.shape[:2], strides)
+    return _direct_conv(blocks, _kernel_blocks(kernel, strides), (1, 1))
+
+
+def _kernel_gradient(
+    x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int]
+) -> jax.Array:
+    """d kernel of ``sum(g * _direct_conv(x, kernel, strides))``, one Eigen-form convolution.
+
+    ``dk[a, b, c, f] = sum over n, i, j of x[n, s*i + a, s*j + b, c] * g[n, i, j, f]``:
+    a convolution of the input, with channels as its batch and examples as its
+    features, by ``g`` dilated by the strides.
+    """
+    (kh, kw), (sh, sw) = kernel_hw, strides
+    oh, ow = g.shape[1:3]
+    x = x[:, : (oh - 1) * sh + kh, : (ow - 1) * sw + kw]  # rows no output reaches
+    dk = jax.lax.conv_general_dilated(
+        x.transpose(3, 1, 2, 0),  # (C, H, W, N)
+        g.transpose(1, 2, 0, 3),  # (oh, ow, N, F)
+        (1, 1),
+        "VALID",
+        rhs_dilation=strides,
+        dimension_numbers=_NHWC,
+    )  # (C, kh, kw, F)
+    return dk.transpose(1, 2, 0, 3)
+
+
+def _stride1_input_gradient(g: jax.Array, kernel: jax.Array) -> jax.Array:
+    """d x of ``sum(g * _direct_conv(x, kernel, (1, 1)))``, one Eigen-form convolution.
+
+    The full convolution of ``g`` with the kernel flipped in space and its
+    input and output channels swapped.
+    """
+    kh, kw = kernel.shape[:2]
+    flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)  # (kh, kw, F, C)
+    pad = ((kh - 1, kh - 1), (kw - 1, kw - 1))
+    return jax.lax.conv_general_dilated(g, flipped, (1, 1), pad, dimension_numbers=_NHWC)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def strided_conv(
+def conv2d(
     x: jax.Array, kernel: jax.Array, strides: tuple[int, int], forward: str = "direct"
 ) -> jax.Array:
-    """A 'valid' strided convolution (NHWC input, HWIO kernel) with a faster input gradient.
+    """A 'valid' convolution (NHWC input, HWIO kernel) whose gradients XLA:CPU runs fast.
 
     Values, and both gradients, are those of ``jax.lax.conv_general_dilated``
-    up to float32 rounding. The kernel gradient is XLA's own. The gradient
-    with respect to ``x`` is taken through the space-to-depth form of the same
-    convolution, where it is a stride-1 convolution; XLA otherwise emits a
-    convolution over a dilated input for it, which XLA:CPU runs slower.
+    up to float32 rounding. Every convolution of the forward and backward
+    passes is in the one form XLA:CPU gives its Eigen kernels, in loop bodies
+    too (see the comment above). The input gradient of a strided convolution
+    is taken through its space-to-depth form, where it is a stride-1
+    convolution; XLA otherwise emits a convolution over a dilated input for
+    it, which XLA:CPU runs slower.
 
     Args:
       x: ``(N, H, W, C)`` input.
@@ -259,18 +317,23 @@ def _forward_fn(forward: str):
     return _FORWARDS[forward]
 
 
-def _strided_conv_fwd(x, kernel, strides, forward):
+def _conv2d_fwd(x, kernel, strides, forward):
     return _forward_fn(forward)(x, kernel, strides), (x, kernel)
 
 
-def _strided_conv_bwd(strides, forward, residuals, g):
+def _conv2d_bwd(strides, forward, residuals, g):
     x, kernel = residuals
-    (d_kernel,) = jax.vjp(lambda k: _direct_conv(x, k, strides), kernel)[1](g)
-    (d_x,) = jax.vjp(lambda v: _space_to_depth_conv(v, kernel, strides), x)[1](g)
+    d_kernel = _kernel_gradient(x, g, kernel.shape[:2], strides)
+    if tuple(strides) == (1, 1):
+        return _stride1_input_gradient(g, kernel), d_kernel
+    # the input blocks are a linear rearrangement of x: their vjp scatters back
+    _, scatter = jax.vjp(lambda v: _input_blocks(v, kernel.shape[:2], strides), x)
+    d_blocks = _stride1_input_gradient(g, _kernel_blocks(kernel, strides))
+    (d_x,) = scatter(d_blocks)
     return d_x, d_kernel
 
 
-strided_conv.defvjp(_strided_conv_fwd, _strided_conv_bwd)
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 @jax.custom_vjp
@@ -301,20 +364,17 @@ bias_add.defvjp(_bias_add_fwd, _bias_add_bwd)
 
 
 @keras.saving.register_keras_serializable(package="fdqn")
-class SpaceToDepthConv2D(keras.layers.Conv2D):
-    """A ``Conv2D`` whose strided convolution is :func:`strided_conv`.
+class CpuConv2D(keras.layers.Conv2D):
+    """A ``Conv2D`` computed by :func:`conv2d`, its bias added by :func:`bias_add`.
 
     Same weights, outputs and gradients (up to float32 rounding) as
-    ``keras.layers.Conv2D``; the input gradient goes through the
-    space-to-depth form of the convolution, and so does the forward pass with
-    ``forward="space_to_depth"``. The bias is added by :func:`bias_add`.
-    Applies to ``padding="valid"``, ``channels_last``, no dilation, no
-    groups, strides other than 1, on the JAX backend; other settings fall
-    back to ``Conv2D``.
+    ``keras.layers.Conv2D``, in the forms XLA:CPU runs fast, in loop bodies
+    too. Applies to ``padding="valid"``, ``channels_last``, no dilation, no
+    groups, on the JAX backend; other settings fall back to ``Conv2D``.
 
     Args:
       *args, **kwargs: those of ``keras.layers.Conv2D``.
-      forward: how the forward pass is computed, as in :func:`strided_conv`.
+      forward: how the forward pass is computed, as in :func:`conv2d`.
     """
 
     def __init__(self, *args, forward: str = "direct", **kwargs):
@@ -332,7 +392,6 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
             and self.data_format == "channels_last"
             and tuple(self.dilation_rate) == (1, 1)
             and self.groups == 1
-            and tuple(self.strides) != (1, 1)
         )
 
     def call(self, inputs):
@@ -346,7 +405,7 @@ class SpaceToDepthConv2D(keras.layers.Conv2D):
         if not self._rewrite_applies():
             return super().convolution_op(inputs, kernel)
         kernel = keras.ops.convert_to_tensor(kernel)  # a keras.Variable when called eagerly
-        return strided_conv(inputs, kernel, tuple(int(s) for s in self.strides), self.forward)
+        return conv2d(inputs, kernel, tuple(int(s) for s in self.strides), self.forward)
 
 
 def _forward_for(layer: keras.layers.Conv2D) -> str:
@@ -362,25 +421,25 @@ def _forward_for(layer: keras.layers.Conv2D) -> str:
     return "space_to_depth" if channels is not None and channels <= 4 and uneven else "direct"
 
 
-def space_to_depth_model(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` whose strided ``Conv2D`` layers are :class:`SpaceToDepthConv2D`.
+def cpu_model(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` whose ``Conv2D`` layers are :class:`CpuConv2D`.
 
     The copy has the same variables, in the same order and with the same
     values, so parameters from :func:`fdqn.pure_q_fn` of either model fit the
-    other. Layers the rewrite does not apply to are shared with ``model``; a model
-    without strided convolutions is returned as it is. Save the original
+    other. Layers the rewrite does not apply to are shared with ``model``; a
+    model without convolutions is returned as it is. Save the original
     (stock) model, not the copy, to keep model files portable.
     """
 
-    def strided(layer) -> bool:
-        return type(layer) is keras.layers.Conv2D and tuple(layer.strides) != (1, 1)
+    def convolution(layer) -> bool:
+        return type(layer) is keras.layers.Conv2D
 
     def clone(layer):
-        if not strided(layer):  # shared: weights are set below, and pure_q_fn copies them
+        if not convolution(layer):  # shared: weights are set below, and pure_q_fn copies them
             return layer
         # from the layer's attributes, not get_config: Keras' serialization imports
         # TensorFlow where it is installed (seconds and hundreds of MB)
-        return SpaceToDepthConv2D(
+        return CpuConv2D(
             layer.filters,
             layer.kernel_size,
             strides=layer.strides,
@@ -395,7 +454,7 @@ def space_to_depth_model(model: keras.Model) -> keras.Model:
             forward=_forward_for(layer),
         )
 
-    if not any(strided(layer) for layer in model.layers):
+    if not any(convolution(layer) for layer in model.layers):
         return model
     if isinstance(model, keras.Sequential) and len(model.inputs) == 1:
         # rebuilt layer by layer: keras.models.clone_model serializes every layer

@@ -175,7 +175,7 @@ class Run:
 def build(config: Config, cpu_layers: bool = False) -> Run:
     """Environments, network, learner state, replay memory and rollout for ``config``.
 
-    ``cpu_layers`` computes the network through :func:`fdqn.cpu.space_to_depth_model`
+    ``cpu_layers`` computes the network through :func:`fdqn.cpu.cpu_model`
     (same parameters; model files are still written from the stock network).
     """
     env = make_env(config)
@@ -183,7 +183,7 @@ def build(config: Config, cpu_layers: bool = False) -> Run:
     optimizer = make_optimizer(
         config.optimizer, config.lr, clip=config.clip, max_grad_norm=config.max_grad_norm
     )
-    computed = cpu.space_to_depth_model(model) if cpu_layers else model
+    computed = cpu.cpu_model(model) if cpu_layers else model
     state = create_train_state(computed, optimizer, jax.random.key(config.seed))
     obs_space = env.single_observation_space
     atari = envs.is_atari(config.env)

@@ -225,6 +225,8 @@ def test_building_networks_does_not_import_tensorflow():
         (84, 4, 16, 5, 2),  # kernel not a multiple of the stride
         (83, 3, 8, 5, 3),  # size not a multiple of the stride: the kernel reaches past it
         (9, 2, 4, 3, 2),
+        (9, 64, 64, 3, 1),  # the Nature CNN's third: stride 1
+        (10, 3, 4, (2, 3), 1),
     ],
 )
 @pytest.mark.parametrize("forward", ["direct", "space_to_depth"])
@@ -232,9 +234,7 @@ def test_space_to_depth_conv_matches_conv2d(
     size, channels, filters, kernel, stride, forward, variant
 ):
     plain = keras.layers.Conv2D(filters, kernel, strides=stride, activation="relu")
-    s2d = fdqn.cpu.SpaceToDepthConv2D(
-        filters, kernel, strides=stride, activation="relu", forward=forward
-    )
+    s2d = fdqn.cpu.CpuConv2D(filters, kernel, strides=stride, activation="relu", forward=forward)
     x = np.random.default_rng(0).normal(size=(3, size, size + 1, channels)).astype(np.float32)
     plain.build(x.shape)
     s2d.build(x.shape)
@@ -291,7 +291,7 @@ def test_bias_add_gradient_matches_the_broadcast_sum_on_a_layer_sized_input(vari
 
 def test_space_to_depth_conv_without_bias_matches_conv2d():
     plain = keras.layers.Conv2D(4, 5, strides=2, use_bias=False)
-    layer = fdqn.cpu.SpaceToDepthConv2D(4, 5, strides=2, use_bias=False)
+    layer = fdqn.cpu.CpuConv2D(4, 5, strides=2, use_bias=False)
     x = np.random.default_rng(4).normal(size=(2, 13, 13, 3)).astype(np.float32)
     plain.build(x.shape)
     layer.build(x.shape)
@@ -301,7 +301,7 @@ def test_space_to_depth_conv_without_bias_matches_conv2d():
 
 
 def test_space_to_depth_conv_falls_back_where_the_rewrite_does_not_apply():
-    layer = fdqn.cpu.SpaceToDepthConv2D(4, 3, strides=2, padding="same")
+    layer = fdqn.cpu.CpuConv2D(4, 3, strides=2, padding="same")
     plain = keras.layers.Conv2D(4, 3, strides=2, padding="same")
     x = np.random.default_rng(1).normal(size=(2, 7, 7, 3)).astype(np.float32)
     layer.build(x.shape)
@@ -311,7 +311,9 @@ def test_space_to_depth_conv_falls_back_where_the_rewrite_does_not_apply():
 
 
 @pytest.mark.parametrize("forward", ["direct", "space_to_depth"])
-@pytest.mark.parametrize("kernel, stride", [((5, 5), (2, 2)), ((8, 8), (4, 4)), ((3, 4), (2, 3))])
+@pytest.mark.parametrize(
+    "kernel, stride", [((5, 5), (2, 2)), ((8, 8), (4, 4)), ((3, 4), (2, 3)), ((3, 2), (1, 1))]
+)
 def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride, forward, variant):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 23, 21, 3)).astype(np.float32))
@@ -323,7 +325,15 @@ def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride,
         )
 
     def ours(x, w):
-        return fdqn.cpu.strided_conv(x, w, stride, forward)
+        return fdqn.cpu.conv2d(x, w, stride, forward)
+
+    # hand-worked: a 1x1 kernel of ones over one channel, stride 2, picks every other pixel
+    ones = jnp.ones((1, 1, 1, 1))
+    grid = jnp.arange(25.0).reshape(1, 5, 5, 1)
+    np.testing.assert_array_equal(
+        fdqn.cpu.conv2d(grid, ones, (2, 2), forward)[0, :, :, 0],
+        [[0.0, 2.0, 4.0], [10.0, 12.0, 14.0], [20.0, 22.0, 24.0]],
+    )
 
     np.testing.assert_allclose(variant(ours)(x, w), reference(x, w), rtol=1e-5, atol=1e-4)
     # the space-to-depth form the input gradient is taken through computes the same values
@@ -337,35 +347,67 @@ def test_strided_conv_values_and_gradients_match_xla_convolution(kernel, stride,
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
+def _convolutions(hlo: str) -> list[str]:
+    return [line for line in hlo.splitlines() if " convolution(" in line]
+
+
+@pytest.mark.parametrize("network", ["nature", "notebook"])
+def test_cpu_model_gradients_in_a_loop_are_convolutions_in_xla_cpus_eigen_form(network):
+    # XLA:CPU gives only b01f_01io->b01f convolutions to its fast kernels and
+    # rewrites other forms into it outside loop bodies only; an update inside a
+    # fori_loop must therefore contain no other form
+    build = {"nature": fdqn.nature_cnn, "notebook": fdqn.notebook_cnn}[network]
+    q_fn, params = fdqn.pure_q_fn(fdqn.cpu.cpu_model(build(4, seed=0)))
+    obs = jnp.asarray(atari_obs())
+
+    def step(_, p):
+        grads = jax.grad(lambda p: jnp.sum(q_fn(p, obs) ** 2))(p)
+        return jax.tree.map(lambda a, g: a - 1e-3 * g, p, grads)
+
+    looped = jax.jit(lambda p: jax.lax.fori_loop(0, 2, step, p))
+    hlo = looped.lower(params).compile().as_text()
+    convolutions = _convolutions(hlo)
+    # three layers: three forward, three kernel-gradient and two input-gradient
+    # convolutions (the first layer's input needs none)
+    assert len(convolutions) == 8
+    assert all("dim_labels=b01f_01io->b01f" in line for line in convolutions), [
+        line.split("dim_labels=")[1].split(",")[0] for line in convolutions
+    ]
+    # and the loop computes what two plain gradient steps compute
+    want = step(1, step(0, params))
+    for a, b in zip(looped(params), want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_space_to_depth_conv_forward_choice_is_checked_and_kept_in_its_config():
     with pytest.raises(ValueError, match="forward must be one of .*'direct', 'space_to_depth'"):
-        fdqn.cpu.SpaceToDepthConv2D(4, 5, strides=2, forward="im2col")
+        fdqn.cpu.CpuConv2D(4, 5, strides=2, forward="im2col")
     x = jnp.zeros((1, 9, 9, 2))
     with pytest.raises(ValueError, match="forward must be one of"):
-        fdqn.cpu.strided_conv(x, jnp.zeros((3, 3, 2, 4)), (2, 2), "fft")
+        fdqn.cpu.conv2d(x, jnp.zeros((3, 3, 2, 4)), (2, 2), "fft")
     # the choice reaches the computation: a stride-1 convolution, or XLA's strided one
     for forward, strides in (("space_to_depth", "(1, 1)"), ("direct", "(2, 2)")):
         jaxpr = str(
-            jax.make_jaxpr(fdqn.cpu.strided_conv, static_argnums=(2, 3))(
+            jax.make_jaxpr(fdqn.cpu.conv2d, static_argnums=(2, 3))(
                 x, jnp.zeros((3, 3, 2, 4)), (2, 2), forward
             )
         )
         assert f"window_strides={strides}" in jaxpr
-    layer = fdqn.cpu.SpaceToDepthConv2D(4, 5, strides=2, forward="space_to_depth")
-    clone = fdqn.cpu.SpaceToDepthConv2D.from_config(layer.get_config())
+    layer = fdqn.cpu.CpuConv2D(4, 5, strides=2, forward="space_to_depth")
+    clone = fdqn.cpu.CpuConv2D.from_config(layer.get_config())
     assert clone.forward == "space_to_depth"
     # the notebook network's first layer, with 4 input channels, takes the
     # space-to-depth forward pass; the other strided layers XLA's own
     forwards = {
         layer.name: layer.forward
-        for layer in fdqn.cpu.space_to_depth_model(fdqn.notebook_cnn(4)).layers
-        if isinstance(layer, fdqn.cpu.SpaceToDepthConv2D)
+        for layer in fdqn.cpu.cpu_model(fdqn.notebook_cnn(4)).layers
+        if isinstance(layer, fdqn.cpu.CpuConv2D)
     }
     assert forwards == {"conv1": "space_to_depth", "conv2": "direct", "conv3": "direct"}
 
 
 def test_space_to_depth_conv_takes_its_own_input_gradient():
-    layer = fdqn.cpu.SpaceToDepthConv2D(4, 5, strides=2)
+    layer = fdqn.cpu.CpuConv2D(4, 5, strides=2)
     x = np.zeros((1, 11, 11, 2), np.float32)
     layer.build(x.shape)
     weights = [jnp.asarray(w) for w in layer.get_weights()]
@@ -375,16 +417,16 @@ def test_space_to_depth_conv_takes_its_own_input_gradient():
 
 
 @pytest.mark.parametrize("network", ["nature", "notebook"])
-def test_space_to_depth_model_agrees_with_the_stock_network(network):
+def test_cpu_model_agrees_with_the_stock_network(network):
     build = {"nature": fdqn.nature_cnn, "notebook": fdqn.notebook_cnn}[network]
     reference = build(4, seed=0)
     assert {type(layer).__name__ for layer in reference.layers} <= {
         "Rescaling", "Permute", "Conv2D", "Flatten", "Dense"
     }  # fmt: skip
-    model = fdqn.cpu.space_to_depth_model(reference)
-    strided = [n.name for n in model.layers if tuple(getattr(n, "strides", ())) > (1, 1)]
-    assert all(isinstance(model.get_layer(n), fdqn.cpu.SpaceToDepthConv2D) for n in strided)
-    assert len(strided) == {"nature": 2, "notebook": 3}[network]
+    model = fdqn.cpu.cpu_model(reference)
+    convolutions = [n.name for n in reference.layers if type(n).__name__ == "Conv2D"]
+    assert all(isinstance(model.get_layer(n), fdqn.cpu.CpuConv2D) for n in convolutions)
+    assert len(convolutions) == 3
     for a, b in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_array_equal(a, b)
     obs = atari_obs()
