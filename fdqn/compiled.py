@@ -257,6 +257,22 @@ class CompiledRun:
         out = self.env.step(keys[1], state.env_state, action)
         return self._after_env_step(state, action, epsilon, keys, out)
 
+    def _learning_due(self, counters: Counters, replay) -> tuple[jax.Array, jax.Array]:
+        """Whether learning has started after this step, and how many updates are due.
+
+        ``counters`` and ``replay`` as they are before the step: the size that
+        counts is the replay's once the step's transition is written.
+        """
+        config = self.config
+        step = counters.agent_steps + self.num_envs
+        written = replay._replace(writes=replay.writes + 1)  # only its size is read
+        learning = (step >= max(config.learning_starts, self.learning_from)) & (
+            self._replay_size(written) >= self.batch_share
+        )
+        planned = (step - config.learning_starts) // config.train_every + 1  # updates by now
+        owed = planned - counters.updates - self.updates_skipped
+        return learning, jnp.where(learning, jnp.maximum(0, owed), 0)
+
     def step_blocks(self, state: RunState) -> tuple[RunState, StepMetrics]:
         """:meth:`step` of every seed of a host environment, ``state`` on a seed axis.
 
@@ -269,7 +285,14 @@ class CompiledRun:
         out = self.env.step(keys[1][0], state.env_state, action.reshape(-1))
         split = (self.blocks, self.local_envs)
         blocks = jax.tree.map(lambda x: x.reshape(*split, *x.shape[1:]), out._replace(state=None))
-        agents, metrics = jax.vmap(self._after_env_step)(agents, action, epsilon, keys, blocks)
+        # the seeds step in lockstep, so the learning due is every seed's: computed
+        # once, outside the vmap, it leaves the updates' loop a plain loop (a
+        # batched trip count would make it select every parameter after every update)
+        first = jax.tree.map(lambda x: x[0], agents)
+        due = self._learning_due(first.counters, first.replay)
+        agents, metrics = jax.vmap(self._after_env_step, in_axes=(0, 0, 0, 0, 0, None))(
+            agents, action, epsilon, keys, blocks, due
+        )
         return agents._replace(env_state=out.state), metrics
 
     def _act(self, state: RunState):
@@ -284,19 +307,17 @@ class CompiledRun:
         q = state.learner.q_fn(state.learner.params, state.obs)
         return epsilon_greedy(act_key, q, epsilon), epsilon, (key, env_key, learn_key)
 
-    def _after_env_step(self, state, action, epsilon, keys, out):
-        """The replay write, the updates due, the target sync and the counters."""
+    def _after_env_step(self, state, action, epsilon, keys, out, due=None):
+        """The replay write, the updates due, the target sync and the counters.
+
+        ``due``: :meth:`_learning_due` of ``state``, when the caller has it.
+        """
         config, n = self.config, self.num_envs
         key, _, learn_key = keys
         counters, learner = state.counters, state.learner
+        learning, due = self._learning_due(counters, state.replay) if due is None else due
         replay = self._replay_add(state.replay, state.obs, action, out)
         step = counters.agent_steps + n
-        learning = (step >= max(config.learning_starts, self.learning_from)) & (
-            self._replay_size(replay) >= self.batch_share
-        )
-        planned = (step - config.learning_starts) // config.train_every + 1  # updates by now
-        owed = planned - counters.updates - self.updates_skipped
-        due = jnp.where(learning, jnp.maximum(0, owed), 0)
         learner, learner_metrics = self._learn(
             learner, replay, learn_key, due, state.learner_metrics
         )
