@@ -8,8 +8,8 @@ kinds of tuning pay (``benchmarks/README.md`` has the side-by-side figures):
   before JAX computes anything. ``python -m fdqn.train`` makes it by default
   when JAX has no accelerator plugin installed (``--no-cpu-tuning`` turns it
   off) and says so in its first line.
-- layers, :func:`cpu_model`: a copy of a Keras model whose convolutions are
-  :class:`CpuConv2D` layers. Same variables, outputs and gradients (up to
+- layers, :func:`cpu_model`: a copy of a Keras model whose convolutions and
+  dense layers are :class:`CpuConv2D` and :class:`CpuDense` layers. Same variables, outputs and gradients (up to
   float32 rounding), computed in forms XLA:CPU runs faster, and in loop
   bodies many times faster. The networks fdqn builds are stock Keras
   layers; the rewrite is applied to a copy and parameters carry over both
@@ -408,6 +408,56 @@ class CpuConv2D(keras.layers.Conv2D):
         return conv2d(inputs, kernel, tuple(int(s) for s in self.strides), self.forward)
 
 
+@jax.custom_vjp
+def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """``x @ kernel`` for a ``(N, I)`` input and an ``(I, O)`` kernel, gradients as products.
+
+    The kernel gradient is the product of ``x`` and the cotangent contracted
+    over the batch, in the kernel's own ``(I, O)`` shape. XLA otherwise
+    derives it as its transpose, ``(O, I)``, in the Nature CNN's update inside
+    a loop, and every Adam step then reads it transposed. Values and
+    gradients are those of ``x @ kernel`` up to float32 rounding.
+    """
+    return x @ kernel
+
+
+def _matmul_fwd(x, kernel):
+    return x @ kernel, (x, kernel)
+
+
+def _matmul_bwd(residuals, g):
+    x, kernel = residuals
+    d_x = jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ())))
+    d_kernel = jax.lax.dot_general(x, g, (((0,), (0,)), ((), ())))
+    return d_x, d_kernel
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@keras.saving.register_keras_serializable(package="fdqn")
+class CpuDense(keras.layers.Dense):
+    """A ``Dense`` layer computed by :func:`matmul`, its bias added by :func:`bias_add`.
+
+    Same weights, outputs and gradients (up to float32 rounding) as
+    ``keras.layers.Dense``. Applies to 2-D inputs on the JAX backend without
+    LoRA or quantization; others fall back to ``Dense``.
+    """
+
+    def call(self, inputs, training=None):
+        if not (
+            keras.backend.backend() == "jax"
+            and len(inputs.shape) == 2
+            and not self.lora_enabled
+            and not self.quantization_mode
+        ):
+            return super().call(inputs, training=training)
+        outputs = matmul(inputs, keras.ops.convert_to_tensor(self.kernel))
+        if self.bias is not None:
+            outputs = bias_add(outputs, keras.ops.convert_to_tensor(self.bias))
+        return outputs if self.activation is None else self.activation(outputs)
+
+
 def _forward_for(layer: keras.layers.Conv2D) -> str:
     """The forward form that is faster on XLA:CPU for this layer's shape.
 
@@ -422,21 +472,33 @@ def _forward_for(layer: keras.layers.Conv2D) -> str:
 
 
 def cpu_model(model: keras.Model) -> keras.Model:
-    """A copy of ``model`` whose ``Conv2D`` layers are :class:`CpuConv2D`.
+    """A copy of ``model`` whose ``Conv2D`` and ``Dense`` layers are :class:`CpuConv2D`
+    and :class:`CpuDense`.
 
     The copy has the same variables, in the same order and with the same
     values, so parameters from :func:`fdqn.pure_q_fn` of either model fit the
     other. Layers the rewrite does not apply to are shared with ``model``; a
-    model without convolutions is returned as it is. Save the original
+    model without convolutions (an MLP) is returned as it is. Save the original
     (stock) model, not the copy, to keep model files portable.
     """
 
     def convolution(layer) -> bool:
         return type(layer) is keras.layers.Conv2D
 
+    def rewritten(layer) -> bool:
+        return convolution(layer) or type(layer) is keras.layers.Dense
+
     def clone(layer):
-        if not convolution(layer):  # shared: weights are set below, and pure_q_fn copies them
+        if not rewritten(layer):  # shared: weights are set below, and pure_q_fn copies them
             return layer
+        if not convolution(layer):
+            return CpuDense(
+                layer.units,
+                activation=layer.activation,
+                use_bias=layer.use_bias,
+                dtype=layer.dtype_policy,
+                name=layer.name,
+            )
         # from the layer's attributes, not get_config: Keras' serialization imports
         # TensorFlow where it is installed (seconds and hundreds of MB)
         return CpuConv2D(

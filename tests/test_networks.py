@@ -261,6 +261,45 @@ def test_space_to_depth_conv_matches_conv2d(
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.max(np.abs(b))))
 
 
+def test_matmul_values_and_gradients_by_hand(variant):
+    x = jnp.array([[1.0, 2.0], [3.0, -1.0]])
+    kernel = jnp.array([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5]])
+    np.testing.assert_array_equal(
+        variant(fdqn.cpu.matmul)(x, kernel), [[-1.0, 2.0, 3.0], [4.0, -1.0, 5.5]]
+    )
+    # d/d kernel of sum(weights * x @ kernel) = x^T weights; d/d x = weights kernel^T
+    weights = jnp.array([[1.0, 0.0, 1.0], [0.0, 2.0, 0.0]])
+    gx, gk = variant(
+        jax.grad(lambda x, k: jnp.sum(weights * fdqn.cpu.matmul(x, k)), argnums=(0, 1))
+    )(x, kernel)
+    np.testing.assert_array_equal(gk, [[1.0, 6.0, 1.0], [2.0, -2.0, 2.0]])
+    np.testing.assert_array_equal(gx, [[3.0, -0.5], [0.0, 2.0]])
+
+
+def test_cpu_dense_matches_dense_and_falls_back_on_other_inputs(variant):
+    plain = keras.layers.Dense(5, activation="relu")
+    layer = fdqn.cpu.CpuDense(5, activation="relu")
+    x = np.random.default_rng(5).normal(size=(4, 7)).astype(np.float32)
+    plain.build(x.shape)
+    layer.build(x.shape)
+    layer.set_weights(plain.get_weights())
+    weights = [jnp.asarray(w) for w in plain.get_weights()]
+
+    def grads(layer):
+        def f(w, x):
+            return jnp.sum(jnp.sin(layer.stateless_call(w, [], x)[0]))
+
+        return variant(jax.grad(f, argnums=(0, 1)))(weights, x)
+
+    for a, b in zip(jax.tree.leaves(grads(layer)), jax.tree.leaves(grads(plain))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda w, x: layer.stateless_call(w, [], x)[0])(weights, x))
+    assert jaxpr.count("custom_vjp_call") == 2  # matmul and bias_add
+    # a 3-D input is Dense's own
+    x3 = np.random.default_rng(6).normal(size=(2, 3, 7)).astype(np.float32)
+    np.testing.assert_allclose(layer(x3), plain(x3), rtol=1e-5, atol=1e-6)
+
+
 def test_bias_add_values_and_gradients_by_hand(variant):
     x = jnp.arange(12.0).reshape(2, 2, 3)
     bias = jnp.array([10.0, 20.0, 30.0])
@@ -427,6 +466,9 @@ def test_cpu_model_agrees_with_the_stock_network(network):
     convolutions = [n.name for n in reference.layers if type(n).__name__ == "Conv2D"]
     assert all(isinstance(model.get_layer(n), fdqn.cpu.CpuConv2D) for n in convolutions)
     assert len(convolutions) == 3
+    dense = [n.name for n in reference.layers if type(n).__name__ == "Dense"]
+    assert all(isinstance(model.get_layer(n), fdqn.cpu.CpuDense) for n in dense)
+    assert model.get_layer("q_values").dtype_policy.name == "float32"
     for a, b in zip(model.get_weights(), reference.get_weights()):
         np.testing.assert_array_equal(a, b)
     obs = atari_obs()
