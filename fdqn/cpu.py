@@ -9,11 +9,12 @@ kinds of tuning pay (``benchmarks/README.md`` has the side-by-side figures):
   when JAX has no accelerator plugin installed (``--no-cpu-tuning`` turns it
   off) and says so in its first line.
 - layers, :func:`cpu_model`: a copy of a Keras model whose convolutions and
-  dense layers are :class:`CpuConv2D` and :class:`CpuDense` layers. Same variables, outputs and gradients (up to
-  float32 rounding), computed in forms XLA:CPU runs faster, and in loop
-  bodies many times faster. The networks fdqn builds are stock Keras
-  layers; the rewrite is applied to a copy and parameters carry over both
-  ways unchanged, so saved models stay portable.
+  dense layers are :class:`CpuConv2D` and :class:`CpuDense` layers. Same
+  variables, outputs and gradients (up to float32 rounding), computed in
+  forms XLA:CPU runs faster, and in loop bodies many times faster. The
+  networks fdqn builds are stock Keras layers; the rewrite is applied to a
+  copy and parameters carry over both ways unchanged, so saved models stay
+  portable.
 """
 
 import ctypes
