@@ -16,8 +16,9 @@ rejax's own choice).
 
 ``--seeds`` runs S agents in one compiled program and reports aggregate
 agent steps per second. ``--minatar`` runs only the ``minatar`` preset
-(MinAtar Breakout) for 1 and 10 seeds: agent steps per second of its
-learning phase.
+(MinAtar Breakout), with the CPU tuning of ``python -m fdqn.train``, for 1
+seed (stock layers and ``fdqn.cpu.cpu_model``'s) and 10 seeds: agent steps
+per second of its learning phase.
 ``--long`` adds 500,000-step runs (compiled and rejax only: fdqn's host loop
 would take minutes per round).
 """
@@ -175,10 +176,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,4,16,64", help="seed counts for the scaling run")
     parser.add_argument("--minatar", action="store_true", help="MinAtar Breakout only")
     args = parser.parse_args()
-    print(f"jax {jax.__version__}, devices {jax.devices()}")
     if args.minatar:
+        from fdqn import cpu
+
+        tuning = cpu.tune()  # as python -m fdqn.train does, before JAX starts
+        print(f"jax {jax.__version__}, devices {jax.devices()}; {tuning}")
         minatar(args.rounds)
         return
+    print(f"jax {jax.__version__}, devices {jax.devices()}")
     try:
         import rejax  # noqa: F401
 
@@ -207,29 +212,41 @@ def main() -> None:
 
 
 def minatar(rounds: int, steps: int = 40_000) -> None:
-    """The minatar preset after learning starts: agent steps/s for 1 and 10 seeds."""
+    """The minatar preset after learning starts: agent steps/s for 1 and 10 seeds.
+
+    One seed with the stock Keras network and with its ``fdqn.cpu.cpu_model``
+    copy (what ``python -m fdqn.train`` uses on a CPU), in turns; ten seeds
+    with the latter.
+    """
     from fdqn.config import preset
 
     cfg = preset("minatar").replace(learning_starts=5_000, eval_every=0).validate()
-    run = make_run(cfg)
-    warm, timed = run.steps_for(cfg.learning_starts), run.steps_for(steps)
+    runs = {"stock Conv2D": make_run(cfg), "cpu_model": make_run(cfg, cpu_layers=True)}
+    some = next(iter(runs.values()))
+    warm, timed = some.steps_for(cfg.learning_starts), some.steps_for(steps)
     print(f"\nMinAtar Breakout, the minatar preset, agent steps 5,000-{5_000 + steps:,}")
-    for s in (1, 10):
 
-        def learning(round_: int, s: int = s):
-            state = run.init([1000 * (round_ + 1) + i for i in range(s)])
-            state, _ = run.run(state, warm)
-            return jax.block_until_ready(state)
+    def learning(run, round_: int, s: int):
+        state = run.init([1000 * (round_ + 1) + i for i in range(s)])
+        state, _ = run.run(state, warm)
+        return jax.block_until_ready(state)
 
-        jax.block_until_ready(run.run(learning(-1), timed))  # compiles both lengths
-        rates = []
-        for r in range(rounds):
-            state = learning(r)
-            start = time.perf_counter()
-            jax.block_until_ready(run.run(state, timed))
-            rates.append(s * timed * cfg.num_envs / (time.perf_counter() - start))
-        print(f"  S={s:3d}: median {statistics.median(rates):9,.0f} agent steps/s "
-              f"(range {min(rates):,.0f}-{max(rates):,.0f}) over all seeds")  # fmt: skip
+    def rate(run, round_: int, s: int) -> float:
+        state = learning(run, round_, s)
+        start = time.perf_counter()
+        jax.block_until_ready(run.run(state, timed))
+        return s * timed * cfg.num_envs / (time.perf_counter() - start)
+
+    cases = [(name, run, 1) for name, run in runs.items()] + [("cpu_model", runs["cpu_model"], 10)]
+    for _, run, s in cases:
+        jax.block_until_ready(run.run(learning(run, -1, s), timed))  # compiles both lengths
+    rates = {(name, s): [] for name, _, s in cases}
+    for r in range(rounds):
+        for name, run, s in cases if r % 2 == 0 else cases[::-1]:
+            rates[name, s].append(rate(run, r, s))
+    for (name, s), v in rates.items():
+        print(f"  S={s:3d}, {name:12s}: median {statistics.median(v):9,.0f} agent steps/s "
+              f"(range {min(v):,.0f}-{max(v):,.0f}) over all seeds")  # fmt: skip
 
 
 if __name__ == "__main__":
