@@ -202,7 +202,7 @@ class CompiledRun:
         return state, reset_key
 
     def _with_envs(self, state: RunState, obs: jax.Array, env_state: Any) -> RunState:
-        return state._replace(replay=self._replay_start(obs), env_state=env_state, obs=obs)
+        return state._replace(replay=_start_replay(self, obs), env_state=env_state, obs=obs)
 
     def _init_on_mesh(self, seeds: list[int]) -> RunState:
         """Every seed's state, placed on the mesh; with data shards, a set of envs (and their
@@ -438,26 +438,16 @@ class CompiledRun:
         lives on the host (Atari, gymnasium callbacks): a checkpoint cannot hold their
         emulators, so a resumed run starts new games. The frame ring marks the break (the
         new first frames), so no transition spans it; the replay, learner, counters and keys
-        are kept. gymnax runs never need this: their env state is in the carry."""
+        are kept. gymnax runs never need this: their env state is in the carry.
+        ``state``'s buffers are donated (the replay is written in place): use the state
+        returned."""
         batched = state.counters.agent_steps.ndim == 1
         agents = _seed_axis(state) if not batched else state._replace(env_state=None)
         keys = jax.vmap(jax.random.fold_in)(agents.key, agents.counters.agent_steps)
         obs, env_state = self.env.reset(keys)  # a block of new games per seed
         obs = obs.reshape(self.blocks, self.local_envs, *obs.shape[1:])
 
-        def restart(one, obs):
-            replay = one.replay
-            if self.env.frame_stack:
-                zeros = jnp.zeros(self.local_envs, jnp.int32)
-                replay = dr.frame_ring_add(replay, obs, zeros, zeros, zeros > 0, zeros == 0)
-            return one._replace(
-                replay=replay,
-                obs=obs,
-                episode_return=jnp.zeros_like(one.episode_return),
-                episode_length=jnp.zeros_like(one.episode_length),
-            )
-
-        agents = jax.vmap(restart)(agents, obs)._replace(env_state=env_state)
+        agents = _restart(self, agents, obs)._replace(env_state=env_state)
         return agents if batched else _no_seed_axis(agents)
 
     def refilling(self, counters: Counters) -> "CompiledRun":
@@ -504,6 +494,37 @@ def _no_seed_axis(state: RunState) -> RunState:
     return jax.tree.map(lambda x: x[0], state._replace(env_state=None))._replace(
         env_state=state.env_state
     )
+
+
+# The replay's first write, at the start and on a restart, runs in one program with
+# the buffer it writes to: made op by op, each write would copy the whole buffer
+# (gigabytes for Atari), which doubles the run's peak memory.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _start_replay(run: CompiledRun, obs: jax.Array):
+    """The run's empty replay with the first observations ``obs`` written."""
+    return run._replay_start(obs)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
+def _restart(run: CompiledRun, agents: RunState, obs: jax.Array) -> RunState:
+    """Every seed's agent (a seed axis, no env state) on new games whose first stacks are
+    ``obs``: marked in the frame ring, episode counts zeroed."""
+
+    def one(agent, obs):
+        replay = agent.replay
+        if run.env.frame_stack:
+            zeros = jnp.zeros(run.local_envs, jnp.int32)
+            replay = dr.frame_ring_add(replay, obs, zeros, zeros, zeros > 0, zeros == 0)
+        return agent._replace(
+            replay=replay,
+            obs=obs,
+            episode_return=jnp.zeros_like(agent.episode_return),
+            episode_length=jnp.zeros_like(agent.episode_length),
+        )
+
+    return jax.vmap(one)(agents, obs)
 
 
 @functools.lru_cache(maxsize=32)

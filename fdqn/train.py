@@ -644,7 +644,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--cpu-tuning",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="apply fdqn.cpu's XLA flag, malloc options and space-to-depth convolutions "
+        help="apply fdqn.cpu's XLA flag, malloc options and CPU layers (fdqn.cpu.cpu_model) "
         "(default: on when JAX has no GPU or TPU plugin installed)",
     )
     for field in dataclasses.fields(Config):
@@ -824,7 +824,7 @@ def _run(config, run_dir, resume, checkpoint_step, cpu_tuning, tuning, stops) ->
     """Everything after the run directory is locked; errors go back to :func:`_main`."""
     if tuning is not None:
         print(
-            f"fdqn.train: CPU tuning on ({tuning.describe()}; space-to-depth convolutions); "
+            f"fdqn.train: CPU tuning on ({tuning.describe()}; CPU layers); "
             f"--no-cpu-tuning turns it off",
             file=sys.stderr,
         )

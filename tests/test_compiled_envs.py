@@ -128,9 +128,9 @@ def test_atari_seeds_in_one_vector_env_equal_single_seed_runs_and_differ():
     assert not np.array_equal(frames[0], frames[1])
     assert not np.allclose(together.learner.params[0][0], together.learner.params[0][1])
     # a resumed run's new games: every seed's block marked as a start in its own ring
-    restarted = run.restart_envs(together)
-    assert restarted.obs.shape == (2, 2, 4, 84, 84)
     writes = int(together.replay.writes[0])
+    restarted = run.restart_envs(together)  # donates together's buffers
+    assert restarted.obs.shape == (2, 2, 4, 84, 84)
     np.testing.assert_array_equal(np.asarray(restarted.replay.first)[:, :, writes], True)
 
 
