@@ -9,6 +9,9 @@ together with the mean score of the last 100 training games.
 The last line of output is one JSON object.
 
     python benchmarks/breakout_hour.py [--minutes 60] [--out runs/breakout-hour] [-- FLAGS]
+
+``-- --loop compiled`` trains in the compiled loop; its first seed's policy is
+then scored by the same evaluation.
 """
 
 import argparse
@@ -52,9 +55,20 @@ def main() -> int:
         return 1
 
     # imported here so that the training subprocess had both cores to itself
-    from fdqn.evaluate import evaluate, load_run
+    from fdqn import seed_runs
+    from fdqn.config import load_config, make_env, make_network
+    from fdqn.evaluate import evaluate, load_run, load_seeds_run
+    from fdqn.networks import pure_q_fn
 
-    config, q_fn, params, step = load_run(args.out)
+    if seed_runs.ran_compiled(load_config(args.out), args.out):  # --loop compiled
+        # the first seed's parameters, played by the same evaluation as the host loop's
+        config, stacked, step = load_seeds_run(args.out)
+        params = [np.asarray(p)[0] for p in stacked]
+        env = make_env(config, num_envs=1)
+        q_fn, _ = pure_q_fn(make_network(config, env))
+        env.close()
+    else:
+        config, q_fn, params, step = load_run(args.out)
     with open(os.path.join(args.out, "metrics.csv"), newline="") as f:
         scores = [float(r["score"]) for r in csv.DictReader(f)]
     trained = evaluate(q_fn, params, config, args.games, 0.05, seed=2024)
