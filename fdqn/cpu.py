@@ -199,7 +199,7 @@ def _tune_malloc(skipped: list[str]) -> dict[str, int] | None:
 # where the compiled run takes its updates) the gradient convolutions JAX
 # derives, which have their batch and feature axes swapped (f01b_i01o->01bf)
 # or a reversed kernel with its channels swapped (b01f_01oi->b01f), go to the
-# elementwise loop emitter instead: the Nature CNN's update runs about 20x
+# elementwise loop emitter instead: the Nature CNN's update runs many times
 # slower there (benchmarks/update_in_loop.py). Every convolution below, the
 # gradients included, is written in the Eigen form, with explicit transposes.
 _NHWC = ("NHWC", "HWIO", "NHWC")
