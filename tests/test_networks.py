@@ -217,6 +217,14 @@ def test_building_networks_does_not_import_tensorflow():
     assert out.stdout.strip() == "False"
 
 
+def _same_weights(plain, rewritten, x):
+    """Builds both layers for ``x``, gives ``rewritten`` the weights of ``plain``; returns them."""
+    plain.build(x.shape)
+    rewritten.build(x.shape)
+    rewritten.set_weights(plain.get_weights())
+    return [jnp.asarray(w) for w in plain.get_weights()]
+
+
 @pytest.mark.parametrize(
     "size, channels, filters, kernel, stride",
     [
@@ -236,10 +244,7 @@ def test_space_to_depth_conv_matches_conv2d(
     plain = keras.layers.Conv2D(filters, kernel, strides=stride, activation="relu")
     s2d = fdqn.cpu.CpuConv2D(filters, kernel, strides=stride, activation="relu", forward=forward)
     x = np.random.default_rng(0).normal(size=(3, size, size + 1, channels)).astype(np.float32)
-    plain.build(x.shape)
-    s2d.build(x.shape)
-    s2d.set_weights(plain.get_weights())
-    weights = [jnp.asarray(w) for w in plain.get_weights()]
+    weights = _same_weights(plain, s2d, x)
 
     def apply(layer):
         def f(w, x):
@@ -280,10 +285,7 @@ def test_cpu_dense_matches_dense_and_falls_back_on_other_inputs(variant):
     plain = keras.layers.Dense(5, activation="relu")
     layer = fdqn.cpu.CpuDense(5, activation="relu")
     x = np.random.default_rng(5).normal(size=(4, 7)).astype(np.float32)
-    plain.build(x.shape)
-    layer.build(x.shape)
-    layer.set_weights(plain.get_weights())
-    weights = [jnp.asarray(w) for w in plain.get_weights()]
+    weights = _same_weights(plain, layer, x)
 
     def grads(layer):
         def f(w, x):
