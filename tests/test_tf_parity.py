@@ -232,7 +232,10 @@ def test_one_adam_step_gives_the_same_parameters():
         sure = np.abs(theirs) > 0.5e-4
         np.testing.assert_allclose(ours[sure], theirs[sure], rtol=1e-3, atol=5e-6)
         assert np.all(np.abs(ours - theirs) <= 1e-4 * (1 + 1e-3))
-        assert np.mean(sure) > 0.5 and np.max(np.abs(theirs)) > 5e-5  # most moved by about lr
+        # a good share moved by about lr: not all, since the fc kernel's rows for inputs
+        # that the ReLU zeroes over the whole batch get no gradient (0.48-0.67 of its
+        # entries moved by over lr / 2 in repeated runs: TF's side is not bit-reproducible)
+        assert np.mean(sure) > 0.25 and np.max(np.abs(theirs)) > 5e-5
 
 
 @pytest.mark.parametrize("name", ["notebook", "nature"])
